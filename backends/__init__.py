@@ -1,0 +1,1 @@
+"""Device models (sans-I/O) and the process that hosts one."""

@@ -1,0 +1,192 @@
+"""The process that hosts one device model: a transport around the sans-I/O model.
+
+It maps its I/O sharing page and its state region (memfds held by the supervisor),
+serves posted slots (steps 4 and 5), stages console output in the state region, and
+raises or lowers its IRQ line by message to the vcpu. Started again after a death,
+it restores the published model state and completes every slot still posted: one
+whose seq was already applied gets its saved result, the others run now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+from backends.devices import DeviceSpec, make_device
+from broker.layout import (
+    BAR_IO,
+    BAR_MEM,
+    BAR_NONE,
+    KIND_PCI_CFG,
+    KIND_PIO,
+    SLOT_DONE,
+    SLOT_POSTED,
+    map_io_page,
+    map_state_region,
+)
+from broker.notify import (
+    SLEEP_RECHECK_MS,
+    AdaptiveSpin,
+    broker_endpoint,
+    done_endpoint,
+    door_endpoint,
+    drain,
+    irq_endpoint,
+    pull_socket,
+    push_socket,
+    ring,
+)
+from broker.state import StateStore
+from vcpu.clock import now_ns
+
+
+class BackendHost:
+    def __init__(self, spec: DeviceSpec, page_fd: int, state_fd: int, run_dir: Path, ncpus: int) -> None:
+        self.spec = spec
+        self.ncpus = ncpus
+        self.page = map_io_page(page_fd)
+        self.region = map_state_region(state_fd)
+        self.store = StateStore(self.region)
+        self.ctx = zmq.Context()
+        self.door = pull_socket(self.ctx, door_endpoint(run_dir, spec.name))
+        self.completions = [push_socket(self.ctx, done_endpoint(run_dir, i)) for i in range(ncpus)]
+        self.irq_sock = push_socket(self.ctx, irq_endpoint(run_dir))
+        self.events = push_socket(self.ctx, broker_endpoint(run_dir))
+        self.irq_changes: list[bool] = []
+        self.device = make_device(spec, self._tx, self._irq)
+        if self.store.model_state is not None:
+            self.device.restore(self.store.model_state)
+        self.published_out = self.store.out_head
+        self.spin = AdaptiveSpin()
+        self.page.ptr.irq = max(spec.irq, 0)
+        self._publish_bars()
+
+    # -- effects the model asks for -------------------------------------------------
+    def _tx(self, byte: int) -> None:
+        self.store.stage_output(bytes((byte,)))
+
+    def _irq(self, level: bool) -> None:
+        self.irq_changes.append(level)
+
+    def _send_irq(self, level: bool) -> None:
+        if self.spec.irq >= 0:
+            ring(self.irq_sock, msgpack.packb([self.spec.name, self.spec.irq, level]))
+
+    def _after_publish(self) -> None:
+        # Level messages are idempotent: sent after the state that implies them is published.
+        if self.irq_changes:
+            self._send_irq(self.irq_changes[-1])
+            self.irq_changes.clear()
+        if self.store.out_head != self.published_out:
+            self.published_out = self.store.out_head
+            if self.region.ptr.out_notify:
+                self.region.ptr.out_notify = 0
+                ring(self.events, msgpack.packb(["out", self.spec.name]))
+
+    def _publish_bars(self) -> None:
+        header = getattr(self.device, "pci", None)
+        p = self.page.ptr
+        if header is None:
+            p.pci_bdf = 0xFFFFFFFF
+            return
+        p.pci_bdf = self.spec.pci_bdf
+        for i in range(6):
+            p.bars[i].kind = BAR_NONE
+        for m in header.bar_map():
+            b = p.bars[m.index]
+            b.addr, b.size, b.enabled = m.addr, m.size, int(m.enabled)
+            b.kind = BAR_IO if m.io else BAR_MEM
+        for i, byte in enumerate(header.space):
+            p.pci_config[i] = byte
+        p.bar_generation += 1
+
+    # -- serving ---------------------------------------------------------------------
+    def serve_slot(self, i: int) -> None:
+        slot = self.page.ptr.slots[i]
+        seq = slot.seq
+        if not self.store.applied(i, seq):
+            slot.t_backend = now_ns()
+            n = slot.size * slot.count
+            data = bytes(slot.data[0:n]) if slot.is_write else b""
+            result = self.access(slot.kind, slot.addr, slot.size, bool(slot.is_write), data, slot.count, slot.bar)
+            if result:
+                slot.data[0 : len(result)] = result
+            self.store.publish(self.device.snapshot(), i, seq)
+            self._after_publish()
+            if slot.kind == KIND_PCI_CFG and slot.is_write:
+                self._publish_bars()
+        slot.t_done = now_ns()
+        self.page.ptr.served += 1
+        slot.state = SLOT_DONE
+        if slot.vcpu_asleep:
+            ring(self.completions[i], b"")
+
+    def access(self, kind: int, addr: int, size: int, is_write: bool, data: bytes, count: int, bar: int) -> bytes:
+        if kind == KIND_PIO:
+            return self.device.pio(addr, size, is_write, data, count)
+        return self.device.access(kind, addr, size, is_write, data, count, bar)
+
+    def pull_input(self) -> None:
+        room = getattr(self.device, "input_room", None)
+        if room is None or not self.store.input_available():
+            return
+        n = room()
+        if n:
+            self.device.receive(self.store.take_input(n))
+            self.store.publish(self.device.snapshot())
+            self._after_publish()
+
+    def posted(self) -> list[int]:
+        slots = self.page.ptr.slots
+        return [i for i in range(self.ncpus) if slots[i].state == SLOT_POSTED]
+
+    def run(self) -> None:
+        # After a restart: tell the vcpu the line level the published state implies.
+        self._send_irq(self.device.irq_level())
+        page = self.page.ptr
+        while True:
+            work = self.posted()
+            for i in work:
+                self.serve_slot(i)
+            self.pull_input()
+            if work:
+                continue
+            if self.spin.spin(lambda: bool(self.posted())):
+                continue
+            page.backend_asleep = 1
+            if not self.posted() and not self._input_waiting():
+                self.door.poll(SLEEP_RECHECK_MS * 10)
+            page.backend_asleep = 0
+            drain(self.door)
+
+    def _input_waiting(self) -> bool:
+        room = getattr(self.device, "input_room", None)
+        return room is not None and self.store.input_available() > 0 and room() > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitvm-backend")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--page-fd", type=int, required=True)
+    ap.add_argument("--state-fd", type=int, required=True)
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--ncpus", type=int, required=True)
+    a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
+    spec = DeviceSpec.from_dict(json.loads(a.spec))
+    host = BackendHost(spec, a.page_fd, a.state_fd, a.run_dir, a.ncpus)
+    host.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The human monitor, in the style of QEMU's HMP; every command also as JSON.
+
+Text: `info backends`. JSON: {"execute": "info backends"} -> {"return": ...} or
+{"error": "..."}; the return value is the structured data the text is made from.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from broker.layout import BAR_IO, BAR_MEM
+
+if TYPE_CHECKING:
+    from broker.supervisor import Supervisor
+
+HELP = """\
+help                          this list
+info backends                 name, kind, pid, state, restarts, requests served, all-ones completions
+info pci                      PCI functions, their IDs, IRQ and BARs
+info exits                    trapped accesses per device: count, median and p99 round trip (us)
+backend kill|stop|cont|restart NAME
+                              SIGKILL (the supervisor restarts it), SIGSTOP, SIGCONT, fresh restart
+quit                          end the VM"""
+
+CLASS_NAMES = {
+    0x0600: "Host bridge", 0x0601: "ISA bridge", 0x0101: "IDE controller", 0x0200: "Ethernet controller",
+    0x0100: "SCSI controller", 0x0500: "RAM controller", 0x00FF: "Class 00ff", 0xFF00: "Class ff00",
+}
+
+
+class MonitorQuit(Exception):
+    """`quit`: the caller ends the VM after replying."""
+
+
+def _pci_functions(sup: Supervisor) -> list[dict]:
+    from vcpu.router import host_bridge
+
+    hb = host_bridge()
+    funcs = [{"bdf": 0, "config": bytes(hb.space), "bars": [], "id": "", "irq": None}]
+    for b in sup.backends.values():
+        p = b.page.ptr
+        if p.pci_bdf == 0xFFFFFFFF:
+            continue
+        bars = []
+        for i in range(6):
+            bar = p.bars[i]
+            if bar.kind in (BAR_IO, BAR_MEM):
+                bars.append({"index": i, "io": bar.kind == BAR_IO, "addr": int(bar.addr), "size": int(bar.size)})
+        funcs.append({"bdf": int(p.pci_bdf), "config": bytes(p.pci_config), "bars": bars, "id": b.name,
+                      "irq": int(p.irq)})
+    return sorted(funcs, key=lambda f: f["bdf"])
+
+
+def info_pci_text(funcs: list[dict]) -> str:
+    lines = []
+    for f in funcs:
+        c = f["config"]
+        vendor, device = int.from_bytes(c[0:2], "little"), int.from_bytes(c[2:4], "little")
+        cls = int.from_bytes(c[0x0A:0x0C], "little")
+        bdf = f["bdf"]
+        lines.append(f"  Bus {bdf >> 8:2d}, device {(bdf >> 3) & 31:3d}, function {bdf & 7}:")
+        lines.append(f"    {CLASS_NAMES.get(cls, f'Class {cls:04x}')}: PCI device {vendor:04x}:{device:04x}")
+        if c[0x3D]:
+            lines.append(f"      IRQ {c[0x3C]}, pin {chr(ord('A') + c[0x3D] - 1)}")
+        for bar in f["bars"]:
+            end = bar["addr"] + bar["size"] - 1
+            kind = "I/O at" if bar["io"] else "32 bit memory at"
+            lines.append(f"      BAR{bar['index']}: {kind} 0x{bar['addr']:x} [0x{end:x}].")
+        lines.append(f'      id "{f["id"]}"')
+    return "\n".join(lines)
+
+
+def info_backends_text(rows: list[dict]) -> str:
+    out = [f"{'name':<10} {'kind':<8} {'pid':>7} {'state':<10} {'restarts':>8} {'served':>10} {'all-ones':>8}"]
+    for r in rows:
+        pid = "-" if r["pid"] is None else str(r["pid"])
+        out.append(f"{r['name']:<10} {r['kind']:<8} {pid:>7} {r['state']:<10} {r['restarts']:>8} "
+                   f"{r['served']:>10} {r['timeouts']:>8}")
+    return "\n".join(out)
+
+
+def info_exits_text(stats: dict) -> str:
+    if not stats:
+        return "vcpu not answering"
+    out = [f"{'device':<10} {'accesses':>10} {'median_us':>10} {'p99_us':>10}"]
+    for name, s in stats.get("devices", {}).items():
+        med = "-" if s["median_us"] is None else f"{s['median_us']:.1f}"
+        p99 = "-" if s["p99_us"] is None else f"{s['p99_us']:.1f}"
+        out.append(f"{name:<10} {s['accesses']:>10} {med:>10} {p99:>10}")
+    u = stats.get("unowned", {})
+    out.append(f"unowned: pio reads {u.get('pio_read', 0)}, pio writes {u.get('pio_write', 0)}, "
+               f"mmio reads {u.get('mmio_read', 0)}, mmio writes {u.get('mmio_write', 0)}")
+    out.append(f"vcpu exits: {stats.get('vcpu_exits', 0)}")
+    return "\n".join(out)
+
+
+def execute(sup: Supervisor, command: str) -> tuple[str, object]:
+    """Run one command; return (text for humans, data for JSON). Raises KeyError on a bad command."""
+    words = command.split()
+    if not words:
+        return "", None
+    if words[0] == "help" or words[0] == "?":
+        return HELP, HELP.splitlines()
+    if words[0] == "info" and len(words) == 2:
+        what = words[1]
+        if what == "backends":
+            rows = sup.backends_info()
+            return info_backends_text(rows), rows
+        if what == "pci":
+            funcs = _pci_functions(sup)
+            data = [{k: (v.hex() if isinstance(v, bytes) else v) for k, v in f.items()} for f in funcs]
+            return info_pci_text(funcs), data
+        if what == "exits":
+            stats = sup.vcpu_stats()
+            return info_exits_text(stats), stats
+    if words[0] == "backend" and len(words) == 3:
+        msg = sup.backend_action(words[1], words[2])
+        return msg, msg
+    if words[0] in ("quit", "q"):
+        raise MonitorQuit
+    raise KeyError(f"unknown command: {command!r} (try 'help')")
+
+
+def handle_line(sup: Supervisor, line: str) -> tuple[str, bool]:
+    """One monitor input line (text or JSON) -> (reply text, quit?)."""
+    line = line.strip()
+    as_json = line.startswith("{")
+    try:
+        if as_json:
+            req = json.loads(line)
+            command = req.get("execute") if isinstance(req, dict) else None
+            if not isinstance(command, str):
+                raise KeyError('JSON commands look like {"execute": "info backends"}')
+        else:
+            command = line
+        text, data = execute(sup, command)
+        return (json.dumps({"return": data}) if as_json else text), False
+    except MonitorQuit:
+        return (json.dumps({"return": "quit"}) if as_json else ""), True
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        return (json.dumps({"error": msg}) if as_json else f"error: {msg}"), False

@@ -1,0 +1,71 @@
+"""`splitvm monitor TARGET [COMMAND...]`: the monitor of a running VM.
+
+TARGET is its run directory, the monitor socket in it, or the splitvm pid.
+With a command: run it, print the reply, exit. Without: one command per input line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import zmq
+
+REPLY_TIMEOUT_MS = 10_000
+
+
+def resolve(target: str) -> Path:
+    p = Path(target)
+    if p.is_dir():
+        p = p / "monitor"
+    if p.exists():
+        return p
+    if target.isdigit():
+        for base in {os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), tempfile.gettempdir()}:
+            for d in Path(base).glob("splitvm-*"):
+                pid_file = d / "pid"
+                if pid_file.is_file() and pid_file.read_text().strip() == target:
+                    return d / "monitor"
+    raise FileNotFoundError(f"no splitvm monitor at {target!r} (give its run directory or pid)")
+
+
+def ask(socket_path: Path, command: str, timeout_ms: int = REPLY_TIMEOUT_MS) -> str:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{socket_path}")
+    try:
+        s.send(command.encode())
+        if not s.poll(timeout_ms):
+            raise TimeoutError(f"the monitor at {socket_path} did not answer")
+        return s.recv().decode()
+    finally:
+        s.close()
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: splitvm monitor RUN_DIR|SOCKET|PID [COMMAND...]", file=sys.stderr)
+        return 2
+    try:
+        path = resolve(argv[0])
+    except FileNotFoundError as e:
+        print(f"splitvm: monitor: {e}", file=sys.stderr)
+        return 2
+    try:
+        if len(argv) > 1:
+            print(ask(path, " ".join(argv[1:])))
+            return 0
+        for line in sys.stdin:
+            if line.strip():
+                reply = ask(path, line)
+                if reply:
+                    print(reply, flush=True)
+                if line.strip() in ("quit", "q"):
+                    break
+    except TimeoutError as e:
+        print(f"splitvm: monitor: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""The vcpu process: accelerators (kvm, tcg, qtest), guest memory, routing, ELF loading."""

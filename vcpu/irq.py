@@ -1,0 +1,38 @@
+"""Interrupt-controller state kept in the vcpu: line levels raised/lowered by backends.
+
+Several sources may share a line (wired-OR of level-triggered PCI INTx); a line is
+asserted while any source holds it. The guest waits for a line through the platform
+port (no interrupt is ever injected: the firmware runs at CPL 3, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class InterruptState:
+    def __init__(self) -> None:
+        self.sources: dict[tuple[str, int], bool] = {}
+        self.cond = threading.Condition()
+        self.raised = 0  # how many raise messages arrived (info irq)
+
+    def set_level(self, source: str, line: int, level: bool) -> None:
+        with self.cond:
+            self.sources[(source, line)] = level
+            if level:
+                self.raised += 1
+                self.cond.notify_all()
+
+    def pending(self) -> int:
+        """Bitmask of asserted lines."""
+        mask = 0
+        for (_src, line), level in list(self.sources.items()):
+            if level and 0 <= line < 32:
+                mask |= 1 << line
+        return mask
+
+    def wait(self, timeout_s: float) -> int:
+        with self.cond:
+            if not self.pending():
+                self.cond.wait(timeout_s)
+            return self.pending()
