@@ -98,6 +98,12 @@ class Console:
                 f.write(data)
                 f.flush()
 
+    def monitor_write(self, text: str) -> None:
+        """Monitor replies go to the terminal whatever the serial port is wired to."""
+        data = text.replace("\n", "\r\n" if self.tty_saved else "\n").encode()
+        with contextlib.suppress(BrokenPipeError):
+            os.write(1, data)
+
     def close(self) -> None:
         self.restore()
         for f in (self.file, self.log):
@@ -228,7 +234,7 @@ def stdin_input(sup: Supervisor, console: Console, data: bytes) -> bool:
                 return True
             if byte == ord("c") and console.m.monitor == "stdio":
                 console.to_monitor = not console.to_monitor
-                console.write(b"\r\n(monitor)\r\n" if console.to_monitor else b"\r\n(console)\r\n")
+                console.monitor_write("\n(monitor)\n" if console.to_monitor else "\n(console)\n")
                 continue
             if byte != CTRL_A:
                 continue
@@ -240,7 +246,7 @@ def stdin_input(sup: Supervisor, console: Console, data: bytes) -> bool:
                 reply, q = handle_line(sup, console.line.decode(errors="replace"))
                 console.line = b""
                 if reply:
-                    console.write(reply.replace("\n", "\r\n" if console.tty_saved else "\n").encode() + b"\n")
+                    console.monitor_write(reply + "\n")
                 quit_requested = quit_requested or q
             else:
                 console.line += bytes((byte,))

@@ -98,8 +98,9 @@ def parse_monitor(opt: str, text: str) -> str:
     return text
 
 
-def _apply(m: Machine, opt: str, value: object) -> None:
-    key = opt.lstrip("-")
+def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
+    """Apply one option; `opt` is how errors name it (an option, or a config key and file)."""
+    key = key or opt.lstrip("-")
     if key == "accel":
         m.accel = parse_accel(opt, value)
     elif key == "enable-kvm":
@@ -152,7 +153,7 @@ def load_config(path: Path, m: Machine) -> None:
             raise UsageError(f"--config: {path}: unknown key {key!r}")
         if key == "nographic":
             continue
-        _apply(m, f"{key} (in {path})", value)
+        _apply(m, f"{key} (in {path})", value, key)
 
 
 def parse_args(argv: list[str]) -> Machine:

@@ -104,9 +104,8 @@ def build(out_dir: Path | None = None) -> Path:
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(
-                f"firmware build failed ({' '.join(cmd)}):\n{result.stdout}{result.stderr}"
-            )
+            raise RuntimeError(f"firmware build failed ({' '.join(cmd)}):\n{result.stdout}{result.stderr}")
+        os.chmod(tmp, 0o755)  # mkstemp creates 0600; the ELF is meant to be shared
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

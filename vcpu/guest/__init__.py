@@ -1,0 +1,1 @@
+"""Guest firmware for splitvm: freestanding C built by :mod:`vcpu.guest.build`."""
