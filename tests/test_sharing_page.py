@@ -21,7 +21,15 @@ from broker.layout import (
     map_io_page,
     map_state_region,
 )
-from broker.notify import AdaptiveSpin, broker_endpoint, done_endpoint, door_endpoint, irq_endpoint, pull_socket, push_socket
+from broker.notify import (
+    AdaptiveSpin,
+    broker_endpoint,
+    done_endpoint,
+    door_endpoint,
+    irq_endpoint,
+    pull_socket,
+    push_socket,
+)
 from broker.sharing import SlotClient
 from broker.state import StateReader, StateStore
 

@@ -19,8 +19,8 @@ import zmq
 from broker.layout import map_io_page
 from broker.notify import (
     AdaptiveSpin,
-    door_endpoint,
     done_endpoint,
+    door_endpoint,
     irq_endpoint,
     pull_socket,
     push_socket,

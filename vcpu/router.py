@@ -135,7 +135,9 @@ class Router:
                 out += (read(port, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         return bytes(out)
 
-    def _pci_config(self, cpu: int, port: int, size: int, is_write: bool, data: bytes, count: int, t_exit: int) -> bytes:
+    def _pci_config(
+        self, cpu: int, port: int, size: int, is_write: bool, data: bytes, count: int, t_exit: int
+    ) -> bytes:
         if port == PCI_CONFIG_ADDRESS and size == 4:
             if is_write:
                 self.cf8 = int.from_bytes(data[-4:], "little") & 0x80FFFFFC
