@@ -90,9 +90,11 @@ class Rig:
     def start(self):
         os.set_inheritable(self.page_fd, True)
         os.set_inheritable(self.state_fd, True)
-        self.proc = spawn("backends.host", [
+        args = [
             "--spec", json.dumps(self.spec.to_dict()), "--page-fd", str(self.page_fd),
-            "--state-fd", str(self.state_fd), "--run-dir", str(self.run_dir), "--ncpus", "1"], (self.page_fd, self.state_fd))
+            "--state-fd", str(self.state_fd), "--run-dir", str(self.run_dir), "--ncpus", "1",
+        ]
+        self.proc = spawn("backends.host", args, (self.page_fd, self.state_fd))
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
