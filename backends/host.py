@@ -161,10 +161,12 @@ class BackendHost:
             if self.spin.spin(lambda: bool(self.posted())):
                 continue
             page.backend_asleep = 1
-            if not self.posted() and not self._input_waiting():
-                self.door.poll(SLEEP_RECHECK_MS * 10)
+            while not self.posted() and not self._input_waiting():
+                if self.door.poll(SLEEP_RECHECK_MS * 10):
+                    drain(self.door)
             page.backend_asleep = 0
             drain(self.door)
+            self.spin.woke()
 
     def _input_waiting(self) -> bool:
         room = getattr(self.device, "input_room", None)

@@ -89,6 +89,7 @@ class SlotClient:
             ring(self.doorbell, b"%d" % self.cpu)
         if not self.spin.spin(lambda: slot.state == SLOT_DONE):
             self._sleep(page, slot, nbytes)
+            self.spin.woke()
         if timing is not None:
             timing.t_backend = slot.t_backend
             timing.t_done = slot.t_done

@@ -2,6 +2,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "bench.h"
 #include "lib.h"
 #include "pci.h"
 #include "platform.h"
@@ -133,6 +134,8 @@ static const struct command {
 	  cmd_info },
 	{ "count", "count N [WIDTH]",
 	  "print 0..N-1, zero-padded to WIDTH digits (default 6)", cmd_count },
+	{ "bench", "bench pio PORT [N]", "time N trapped reads of PORT (median, p99)",
+	  cmd_bench },
 	{ "exit", "exit N", "exit the VM with status N", cmd_exit },
 	{ "poweroff", "poweroff", "power off (exit status 0)", cmd_poweroff },
 };
