@@ -77,6 +77,7 @@ class BackendHost:
 
     def _send_irq(self, level: bool) -> None:
         if self.spec.irq >= 0:
+            self.page.ptr.irq_level = int(level)
             ring(self.irq_sock, msgpack.packb([self.spec.name, self.spec.irq, level]))
 
     def _after_publish(self) -> None:

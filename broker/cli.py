@@ -49,8 +49,8 @@ def resolve_accel(m: Machine) -> str:
     return "tcg"
 
 
-def resolve_kernel(m: Machine) -> Path:
-    if m.kernel is not None:
+def resolve_kernel(m: Machine) -> Path | None:
+    if m.kernel is not None or m.accel == "qtest":
         return m.kernel
     from vcpu.guest.build import build
 

@@ -56,6 +56,7 @@ ffi.cdef(
         uint8_t pci_config[256];   /* mirror of the device's config space, for info pci */
         uint32_t pci_bdf;          /* bus<<8 | dev<<3 | fn, or 0xFFFFFFFF: not PCI */
         uint32_t irq;              /* ISA IRQ or interrupt line in use */
+        uint32_t irq_level;        /* the line's level: the truth; messages only wake */
         struct io_slot slots[{MAX_VCPUS}];
     }};
     struct state_buffer {{

@@ -43,11 +43,14 @@ def monitor_endpoint(run_dir: Path) -> str:
 
 
 def push_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """A PUSH that never blocks the sender and is dropped at close (hints, not data)."""
+    """A PUSH that never blocks the sender and is dropped at close (wake-ups, not data).
+
+    Messages queue while the peer (re)connects, up to the high-water mark: the state
+    they announce is in shared memory, so a dropped one costs only latency.
+    """
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, 64)
-    s.setsockopt(zmq.IMMEDIATE, 1)
     s.connect(endpoint)
     return s
 

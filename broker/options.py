@@ -128,6 +128,8 @@ def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
     elif key == "run-dir":
         m.run_dir = Path(str(value))
     elif key == "qtest":
+        if not str(value).startswith("unix:") or len(str(value)) == 5:
+            raise UsageError(f"{opt}: expected unix:PATH, got {value!r}")
         m.qtest = str(value)
     elif key == "name":
         m.name = str(value)

@@ -1,13 +1,16 @@
 """Interrupt-controller state kept in the vcpu: line levels raised/lowered by backends.
 
 Several sources may share a line (wired-OR of level-triggered PCI INTx); a line is
-asserted while any source holds it. The guest waits for a line through the platform
-port (no interrupt is ever injected: the firmware runs at CPL 3, DESIGN.md).
+asserted while any source holds it. A backend's level lives in its sharing page
+(written before its message), so a lost or late message delays a wake-up but never
+loses a level. The guest waits for a line through the platform port (no interrupt is
+ever injected: the firmware runs at CPL 3, DESIGN.md).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class InterruptState:
@@ -15,6 +18,11 @@ class InterruptState:
         self.sources: dict[tuple[str, int], bool] = {}
         self.cond = threading.Condition()
         self.raised = 0  # how many raise messages arrived (info irq)
+        self.shared: list[tuple[int, Callable[[], bool]]] = []
+
+    def add_shared_source(self, line: int, level: Callable[[], bool]) -> None:
+        """A source whose level is read from shared memory."""
+        self.shared.append((line, level))
 
     def set_level(self, source: str, line: int, level: bool) -> None:
         with self.cond:
@@ -23,9 +31,19 @@ class InterruptState:
                 self.raised += 1
                 self.cond.notify_all()
 
+    def notify(self, level: bool) -> None:
+        """A backend's message: its level is already in its sharing page; wake waiters."""
+        with self.cond:
+            if level:
+                self.raised += 1
+            self.cond.notify_all()
+
     def pending(self) -> int:
         """Bitmask of asserted lines."""
         mask = 0
+        for line, level in self.shared:
+            if 0 <= line < 32 and level():
+                mask |= 1 << line
         for (_src, line), level in list(self.sources.items()):
             if level and 0 <= line < 32:
                 mask |= 1 << line
