@@ -16,6 +16,20 @@ import zmq
 REPLY_TIMEOUT_MS = 10_000
 
 
+def running_vms() -> list[Path]:
+    """Run directories of live splitvm processes in the default places."""
+    out = []
+    for base in {os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), tempfile.gettempdir()}:
+        for d in Path(base).glob("splitvm-*"):
+            try:
+                pid = int((d / "pid").read_text())
+                os.kill(pid, 0)
+            except (OSError, ValueError):
+                continue
+            out.append(d)
+    return out
+
+
 def resolve(target: str) -> Path:
     p = Path(target)
     if p.is_dir():
@@ -46,9 +60,18 @@ def ask(socket_path: Path, command: str, timeout_ms: int = REPLY_TIMEOUT_MS) -> 
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: splitvm monitor RUN_DIR|SOCKET|PID [COMMAND...]", file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        vms = running_vms()
+        if not argv and len(vms) == 1:
+            argv = [str(vms[0])]
+        else:
+            print("usage: splitvm monitor RUN_DIR|SOCKET|PID [COMMAND...]  (no target: the one running VM)",
+                  file=sys.stderr)
+            return 2
+    if not Path(argv[0]).exists() and not argv[0].isdigit():
+        vms = running_vms()
+        if len(vms) == 1:
+            argv = [str(vms[0]), *argv]  # `splitvm monitor info backends`: the one running VM
     try:
         path = resolve(argv[0])
     except FileNotFoundError as e:

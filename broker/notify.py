@@ -9,6 +9,7 @@ timeout after which the sleeper looks at the shared memory again.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import zmq
 
 SLEEP_RECHECK_MS = 2
+DEFAULT_SPIN_MAX_NS = 150_000
 
 
 def door_endpoint(run_dir: Path, backend: str) -> str:
@@ -88,14 +90,15 @@ class AdaptiveSpin:
     machines have two).
     """
 
-    def __init__(self, max_ns: int = 150_000) -> None:
-        self.max_ns = max_ns
+    def __init__(self, max_ns: int | None = None) -> None:
+        # SPLITVM_SPIN_MAX_NS=0 turns spinning off (bench exit shows what it saves).
+        self.max_ns = int(os.environ.get("SPLITVM_SPIN_MAX_NS", DEFAULT_SPIN_MAX_NS)) if max_ns is None else max_ns
         self.recent_ns = 0.0  # moving average of wait lengths, each capped at 2*max_ns
         self.started = 0
 
     @property
     def budget_ns(self) -> int:
-        if self.recent_ns >= self.max_ns:
+        if self.max_ns == 0 or self.recent_ns >= self.max_ns:
             return 0
         return min(self.max_ns, int(2 * self.recent_ns) + 2_000)
 

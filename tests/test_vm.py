@@ -197,3 +197,20 @@ def test_unowned_ports_read_all_ones_and_count(run_dir):
         assert set(stats["unowned"]) == {"pio_read", "pio_write", "mmio_read", "mmio_write"}
     finally:
         vm.close()
+
+
+def test_systemd_unit_runs_a_vm_the_way_it_says(tmp_path):
+    """ExecStart of deploy/splitvm@.service, with %i filled in, parses and boots."""
+    unit = (ROOT / "deploy" / "splitvm@.service").read_text()
+    line = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
+    argv = line.split("=", 1)[1].split()
+    assert argv[0] == "/usr/local/bin/splitvm"
+    cfg = tmp_path / "web.toml"
+    cfg.write_text('[machine]\nmemory = "64M"\nappend = "echo from-systemd;poweroff"\n')
+    args = [a.replace("/etc/splitvm/%i.toml", str(cfg)).replace("/run/splitvm/%i", str(tmp_path / "run"))
+            for a in argv[1:]]
+    r = subprocess.run(splitvm_cmd(*args), stdin=subprocess.DEVNULL, capture_output=True, cwd=ROOT, env=env(),
+                       timeout=60)
+    assert "from-systemd" in r.stdout.decode() and r.returncode == 0
+    assert not (tmp_path / "run").exists()
+    assert "KillMode=control-group" in unit and "Restart=on-failure" in unit
