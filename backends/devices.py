@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.serial import SerialPort
+from backends.testdev import PciTestDevice
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 COM2_BASE, COM2_IRQ = 0x2F8, 3
@@ -38,8 +39,19 @@ def serial_spec(index: int) -> DeviceSpec:
     return DeviceSpec(f"serial{index}", "serial", [(base, 8)], irq)
 
 
-def make_device(spec: DeviceSpec, tx: Callable[[int], None], irq: Callable[[bool], None]) -> SerialPort:
+PCI_INTX_LINES = (10, 11)  # where the firmware finds INTx wired, as on QEMU's pc machine
+
+
+def testdev_spec(index: int, slot: int) -> DeviceSpec:
+    return DeviceSpec(f"testdev{index}", "testdev", [], PCI_INTX_LINES[slot % 2], slot << 3)
+
+
+def make_device(
+    spec: DeviceSpec, tx: Callable[[int], None], irq: Callable[[bool], None]
+) -> SerialPort | PciTestDevice:
     """The sans-I/O model for a spec, wired to the effects its host gives it."""
     if spec.kind == "serial":
         return SerialPort(spec.ports[0][0], tx, irq)
+    if spec.kind == "testdev":
+        return PciTestDevice(irq, spec.irq)
     raise ValueError(f"unknown device kind {spec.kind!r}")

@@ -26,6 +26,7 @@ from broker.layout import (
     BAR_NONE,
     KIND_PCI_CFG,
     KIND_PIO,
+    NO_BAR,
     SLOT_DONE,
     SLOT_POSTED,
     map_io_page,
@@ -130,9 +131,22 @@ class BackendHost:
             ring(self.completions[i], b"")
 
     def access(self, kind: int, addr: int, size: int, is_write: bool, data: bytes, count: int, bar: int) -> bytes:
-        if kind == KIND_PIO:
+        """Dispatch a slot to the model: ISA ports, PCI config space, or a BAR."""
+        if kind == KIND_PCI_CFG:
+            out = bytearray()
+            for i in range(count):
+                value = int.from_bytes(data[i * size : (i + 1) * size], "little") if is_write else 0
+                result = self.device.config(addr & 0xFFF, size, is_write, value)
+                if not is_write:
+                    out += result.to_bytes(size, "little")
+            return bytes(out)
+        if kind == KIND_PIO and bar == NO_BAR:
             return self.device.pio(addr, size, is_write, data, count)
-        return self.device.access(kind, addr, size, is_write, data, count, bar)
+        out = bytearray()
+        for i in range(count):
+            chunk = data[i * size : (i + 1) * size] if is_write else b""
+            out += self.device.bar_access(bar, addr + (0 if kind == KIND_PIO else i * size), size, is_write, chunk)
+        return bytes(out)
 
     def pull_input(self) -> None:
         room = getattr(self.device, "input_room", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zmq
 
-from backends.devices import serial_spec
+from backends.devices import DeviceSpec, serial_spec, testdev_spec
 from broker.monitor import handle_line
 from broker.notify import monitor_endpoint
 from broker.options import Machine, UsageError, parse_args
@@ -111,6 +111,23 @@ class Console:
                 f.close()
 
 
+def machine_devices(m: Machine) -> list[DeviceSpec]:
+    """serial0 always; then each -device, PCI slots from 1 upward unless addr= says."""
+    specs = [serial_spec(0)]
+    taken = {o["addr"] for _d, o in m.devices if "addr" in o}
+    free = (s for s in range(1, 32) if s not in taken)
+    counts: dict[str, int] = {}
+    for driver, opts in m.devices:
+        index = counts.get(driver, 0)
+        counts[driver] = index + 1
+        slot = opts.get("addr") or next(free)
+        spec = testdev_spec(index, slot)
+        if "id" in opts:
+            spec.name = opts["id"]
+        specs.append(spec)
+    return specs
+
+
 def run_vm(m: Machine) -> int:
     try:
         accel = resolve_accel(m)
@@ -123,7 +140,7 @@ def run_vm(m: Machine) -> int:
         run_dir = make_run_dir(m.run_dir)
     except (RuntimeError, FileExistsError, OSError) as e:
         return fail(str(e))
-    devices = [serial_spec(0)]
+    devices = machine_devices(m)
     sup = Supervisor(run_dir, m.ram_size, m.smp, devices)
     console = Console(m)
     sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -33,7 +33,7 @@ ffi.cdef(
         uint64_t addr;       /* port, GPA offset in BAR, or BDF<<12 | config register */
         uint32_t count;      /* string I/O repetitions */
         uint32_t vcpu_asleep;/* the vcpu sleeps on its completion socket: send one */
-        uint32_t bar;        /* for KIND_MMIO/BAR I/O: which BAR */
+        uint32_t bar;        /* which BAR, or NO_BAR for a fixed ISA port */
         uint32_t failed;     /* completed by the vcpu with all-ones: backend failed */
         uint64_t t_exit, t_post, t_backend, t_done;  /* CLOCK_MONOTONIC ns, for -trace */
         uint8_t data[{SLOT_DATA}];
@@ -85,6 +85,7 @@ SLOT_FREE, SLOT_POSTED, SLOT_DONE = 0, 1, 2
 KIND_PIO, KIND_MMIO, KIND_PCI_CFG = 0, 1, 2
 KIND_NAMES = {KIND_PIO: "pio", KIND_MMIO: "mmio", KIND_PCI_CFG: "pci-cfg"}
 BAR_NONE, BAR_IO, BAR_MEM = 0, 1, 2
+NO_BAR = 0xFF  # io_slot.bar of an access to a fixed ISA port, not to a BAR
 
 IO_PAGE_SIZE = ffi.sizeof("struct io_page")
 STATE_REGION_SIZE = ffi.sizeof("struct state_region")

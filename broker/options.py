@@ -35,7 +35,7 @@ class Machine:
     run_dir: Path | None = None
     qtest: str | None = None
     name: str = "splitvm"
-    extra: dict = field(default_factory=dict)
+    devices: list[tuple[str, dict]] = field(default_factory=list)  # -device DRIVER,k=v...
 
 
 def parse_size(opt: str, text: str) -> int:
@@ -98,6 +98,32 @@ def parse_monitor(opt: str, text: str) -> str:
     return text
 
 
+DEVICE_DRIVERS = {"testdev": {"addr", "id"}}
+
+
+def parse_device(opt: str, text: str) -> tuple[str, dict]:
+    driver, *props = str(text).split(",")
+    if driver not in DEVICE_DRIVERS:
+        raise UsageError(f"{opt}: unknown device {driver!r} (known: {', '.join(sorted(DEVICE_DRIVERS))})")
+    opts = {}
+    for p in props:
+        k, eq, v = p.partition("=")
+        if not eq or k not in DEVICE_DRIVERS[driver]:
+            raise UsageError(f"{opt}: {driver}: unknown property {p!r}")
+        opts[k] = v
+    if "id" in opts and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", opts["id"]):
+        raise UsageError(f"{opt}: {driver}: id={opts['id']!r} must be a letter then letters, digits, - or _")
+    if "addr" in opts:
+        try:
+            slot = int(opts["addr"].split(".")[0], 16)
+        except ValueError:
+            slot = -1
+        if not 1 <= slot <= 31:
+            raise UsageError(f"{opt}: {driver}: addr={opts['addr']} is not a PCI slot 1..1f")
+        opts["addr"] = slot
+    return driver, opts
+
+
 def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
     """Apply one option; `opt` is how errors name it (an option, or a config key and file)."""
     key = key or opt.lstrip("-")
@@ -133,13 +159,15 @@ def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
         m.qtest = str(value)
     elif key == "name":
         m.name = str(value)
+    elif key == "device":
+        m.devices.append(parse_device(opt, value))
     else:
         raise UsageError(f"{opt}: unknown option")
 
 
 FLAGS = {"-nographic", "-enable-kvm"}
 TOML_KEYS = {"accel", "memory", "m", "smp", "kernel", "append", "monitor", "serial", "nographic", "trace",
-             "run-dir", "name", "qtest"}
+             "run-dir", "name", "qtest", "device"}
 
 
 def load_config(path: Path, m: Machine) -> None:
@@ -155,7 +183,8 @@ def load_config(path: Path, m: Machine) -> None:
             raise UsageError(f"--config: {path}: unknown key {key!r}")
         if key == "nographic":
             continue
-        _apply(m, f"{key} (in {path})", value, key)
+        for v in value if isinstance(value, list) and key == "device" else [value]:
+            _apply(m, f"{key} (in {path})", v, key)
 
 
 def parse_args(argv: list[str]) -> Machine:
@@ -185,6 +214,12 @@ def parse_args(argv: list[str]) -> Machine:
             raise UsageError(f"-{name}: needs a value")
         _apply(m, "-" + name, argv[i + 1])
         i += 2
+    ids = [o["id"] for _d, o in m.devices if "id" in o]
+    if len(ids) != len(set(ids)) or "serial0" in ids:
+        raise UsageError("-device: two devices with the same id")
+    slots = [o["addr"] for _d, o in m.devices if "addr" in o]
+    if len(slots) != len(set(slots)):
+        raise UsageError("-device: two devices at the same PCI slot")
     if m.accel == "qtest" and not m.qtest:
         raise UsageError("-accel qtest: needs -qtest unix:PATH (the test script's socket)")
     return m

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from backends.pci import PciConfigHeader
-from broker.layout import BAR_IO, BAR_MEM, KIND_MMIO, KIND_NAMES, KIND_PCI_CFG, KIND_PIO, Mapped
+from broker.layout import BAR_IO, BAR_MEM, KIND_MMIO, KIND_NAMES, KIND_PCI_CFG, KIND_PIO, NO_BAR, Mapped
 from broker.sharing import SlotClient, Timing
 from vcpu.clock import now_ns
 from vcpu.platform import PlatformPorts
@@ -99,17 +99,26 @@ class Router:
                 mem.append((bar.addr, bar.addr + bar.size, b, i))
         self.mem_bars = mem
 
+    def _refresh_all(self) -> bool:
+        """Before calling an access unowned: did some backend (say, restarted) move a BAR?"""
+        moved = [b for b in self.backends.values() if b.page.ptr.bar_generation != b.bar_generation]
+        for b in moved:
+            self._refresh_bars(b)
+        return bool(moved)
+
     # -- the accelerator's entry points --------------------------------------------------
     def pio(self, cpu: int, port: int, size: int, is_write: bool, data: bytes, count: int) -> bytes:
         t_exit = now_ns()
         owner = self.ports.get(port)
         if owner is not None:
-            return self._forward(owner, cpu, KIND_PIO, port, size, is_write, data, count, 0, t_exit)
+            return self._forward(owner, cpu, KIND_PIO, port, size, is_write, data, count, NO_BAR, t_exit)
         if self.platform.owns(port):
             return self._local(self.platform.read, self.platform.write, port, size, is_write, data, count)
         if PCI_CONFIG_ADDRESS <= port < PCI_CONFIG_ADDRESS + 8:
             return self._pci_config(cpu, port, size, is_write, data, count, t_exit)
         bar = self.io_bars.get(port)
+        if bar is None and self._refresh_all():
+            bar = self.io_bars.get(port)
         if bar is not None:
             b, index, base = bar
             return self._forward(b, cpu, KIND_PIO, port - base, size, is_write, data, count, index, t_exit)
@@ -118,9 +127,12 @@ class Router:
 
     def mmio(self, cpu: int, addr: int, size: int, is_write: bool, data: bytes) -> bytes:
         t_exit = now_ns()
-        for start, end, b, index in self.mem_bars:
-            if start <= addr < end:
-                return self._forward(b, cpu, KIND_MMIO, addr - start, size, is_write, data, 1, index, t_exit)
+        for _ in range(2):
+            for start, end, b, index in self.mem_bars:
+                if start <= addr < end:
+                    return self._forward(b, cpu, KIND_MMIO, addr - start, size, is_write, data, 1, index, t_exit)
+            if not self._refresh_all():
+                break
         self.unowned["mmio_write" if is_write else "mmio_read"] += 1
         return b"" if is_write else b"\xff" * size
 

@@ -14,33 +14,6 @@
 
 static uint32_t samples[MAX_SAMPLES];
 
-static bool parse_num(const char *s, uint64_t *out)
-{
-	uint64_t v = 0;
-
-	if (s[0] != '0' || (s[1] != 'x' && s[1] != 'X'))
-		return parse_u64(s, out);
-	s += 2;
-	if (!*s)
-		return false;
-	for (; *s; s++) {
-		unsigned d;
-		if (*s >= '0' && *s <= '9')
-			d = *s - '0';
-		else if (*s >= 'a' && *s <= 'f')
-			d = *s - 'a' + 10;
-		else if (*s >= 'A' && *s <= 'F')
-			d = *s - 'A' + 10;
-		else
-			return false;
-		if (v >> 60)
-			return false;
-		v = v << 4 | d;
-	}
-	*out = v;
-	return true;
-}
-
 /* Shell sort: no recursion, no allocation, fast enough for 64 Ki samples. */
 static void sort_u32(uint32_t *a, unsigned n)
 {

@@ -214,3 +214,32 @@ void kprintf(const char *fmt, ...)
 	kvprintf(fmt, ap);
 	va_end(ap);
 }
+
+/* Decimal, or hex with a 0x prefix. */
+bool parse_num(const char *s, uint64_t *out)
+{
+	uint64_t v = 0;
+
+	if (s[0] != '0' || (s[1] != 'x' && s[1] != 'X'))
+		return parse_u64(s, out);
+	s += 2;
+	if (!*s)
+		return false;
+	for (; *s; s++) {
+		unsigned d;
+		if (*s >= '0' && *s <= '9')
+			d = *s - '0';
+		else if (*s >= 'a' && *s <= 'f')
+			d = *s - 'a' + 10;
+		else if (*s >= 'A' && *s <= 'F')
+			d = *s - 'A' + 10;
+		else
+			return false;
+		if (v >> 60)
+			return false;
+		v = v << 4 | d;
+	}
+	*out = v;
+	return true;
+}
+

@@ -19,6 +19,9 @@ int strcmp(const char *a, const char *b);
 /* Parse a non-negative decimal number; false on empty/garbage/overflow. */
 bool parse_u64(const char *s, uint64_t *out);
 
+/* Decimal, or hexadecimal with a 0x prefix. */
+bool parse_num(const char *s, uint64_t *out);
+
 /* printf subset: %% %c %s %d %i %u %x %X %p, flags '0' '-', width (digits
  * or '*'), length modifiers l ll z.  Output goes to the serial console. */
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -7,6 +7,7 @@
 #include "pci.h"
 #include "platform.h"
 #include "serial.h"
+#include "tools.h"
 
 #define PROMPT "splitvm> "
 #define LINE_MAX 256
@@ -136,6 +137,11 @@ static const struct command {
 	  "print 0..N-1, zero-padded to WIDTH digits (default 6)", cmd_count },
 	{ "bench", "bench pio PORT [N]", "time N trapped reads of PORT (median, p99)",
 	  cmd_bench },
+	{ "peek", "peek ADDR", "32-bit read of memory or MMIO", cmd_peek },
+	{ "poke", "poke ADDR VAL", "32-bit write of memory or MMIO", cmd_poke },
+	{ "in", "in PORT [b|w|l]", "read an I/O port", cmd_in },
+	{ "out", "out PORT VAL [b|w|l]", "write an I/O port", cmd_out },
+	{ "pcicfg", "pcicfg DD.F REG [VAL]", "read or write PCI config space (bus 0)", cmd_pcicfg },
 	{ "exit", "exit N", "exit the VM with status N", cmd_exit },
 	{ "poweroff", "poweroff", "power off (exit status 0)", cmd_poweroff },
 };

@@ -293,3 +293,35 @@ void pci_list(void)
 		}
 	}
 }
+
+uint32_t pci_cfg_read32(uint8_t dev, uint8_t fn, uint8_t reg)
+{
+	struct pci_func f = { .dev = dev, .fn = fn };
+	return cfg_read(&f, reg);
+}
+
+void pci_cfg_write32(uint8_t dev, uint8_t fn, uint8_t reg, uint32_t v)
+{
+	struct pci_func f = { .dev = dev, .fn = fn };
+	cfg_write(&f, reg, v);
+}
+
+bool pci_find(uint16_t vendor, uint16_t device, unsigned index, struct pci_device *out)
+{
+	for (unsigned i = 0; i < nfuncs; i++) {
+		const struct pci_func *f = &funcs[i];
+		if (f->vendor != vendor || f->device != device)
+			continue;
+		if (index--)
+			continue;
+		out->dev = f->dev;
+		out->fn = f->fn;
+		for (unsigned b = 0; b < MAX_BARS; b++) {
+			out->bar[b] = f->bar[b].assigned ? f->bar[b].addr : 0;
+			out->bar_is_io[b] = f->bar[b].kind == BAR_IO;
+		}
+		out->irq_line = (uint8_t)pci_cfg_read32(f->dev, f->fn, 0x3C);
+		return true;
+	}
+	return false;
+}
