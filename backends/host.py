@@ -24,6 +24,7 @@ from broker.layout import (
     BAR_IO,
     BAR_MEM,
     BAR_NONE,
+    KIND_NAMES,
     KIND_PCI_CFG,
     KIND_PIO,
     NO_BAR,
@@ -61,6 +62,7 @@ class BackendHost:
         self.irq_sock = push_socket(self.ctx, irq_endpoint(run_dir))
         self.events = push_socket(self.ctx, broker_endpoint(run_dir))
         self.irq_changes: list[bool] = []
+        self.model_errors = 0
         self.device = make_device(spec, self._tx, self._irq)
         if self.store.model_state is not None:
             self.device.restore(self.store.model_state)
@@ -117,7 +119,15 @@ class BackendHost:
             slot.t_backend = now_ns()
             n = slot.size * slot.count
             data = bytes(slot.data[0:n]) if slot.is_write else b""
-            result = self.access(slot.kind, slot.addr, slot.size, bool(slot.is_write), data, slot.count, slot.bar)
+            try:
+                result = self.access(slot.kind, slot.addr, slot.size, bool(slot.is_write), data, slot.count,
+                                     slot.bar)
+            except Exception as e:  # noqa: BLE001 - a model bug must not take the backend down
+                self.model_errors += 1
+                if self.model_errors <= 10:
+                    print(f"splitvm: {self.spec.name}: model error on {KIND_NAMES.get(slot.kind)} "
+                          f"0x{slot.addr:x}: {e!r}", file=sys.stderr)
+                result = b"" if slot.is_write else b"\xff" * n
             if result:
                 slot.data[0 : len(result)] = result
             self.store.publish(self.device.snapshot(), i, seq)

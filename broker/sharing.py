@@ -19,6 +19,7 @@ import zmq
 
 from broker.layout import (
     KIND_PIO,
+    NO_BAR,
     SLOT_DONE,
     SLOT_FREE,
     SLOT_POSTED,
@@ -61,7 +62,7 @@ class SlotClient:
     spin: AdaptiveSpin = field(default_factory=AdaptiveSpin)
 
     def access(
-        self, kind: int, addr: int, size: int, is_write: bool, data: bytes, count: int = 1, bar: int = 0,
+        self, kind: int, addr: int, size: int, is_write: bool, data: bytes, count: int = 1, bar: int = NO_BAR,
         timing: Timing | None = None,
     ) -> bytes:
         page = self.page.ptr

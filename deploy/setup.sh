@@ -23,7 +23,7 @@ fi
 
 mods="zmq, msgpack, cffi, pyroute2, unicorn"
 extra=""
-[ "$want" = test ] && mods="$mods, pytest" && extra="[test]"
+[ "$want" = test ] && mods="$mods, pytest, pytest_timeout" && extra="[test]"
 if ! "$PY" -c "import $mods" 2>/dev/null || ! command -v splitvm >/dev/null 2>&1; then
     echo "splitvm setup: pip install -e .$extra" >&2
     "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".$extra" >&2
