@@ -19,7 +19,8 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from backends.devices import DeviceSpec, make_device
+from backends.block import BlockImage
+from backends.devices import DeviceSpec, ModelEnv, irq_levels, make_device
 from broker.layout import (
     BAR_IO,
     BAR_MEM,
@@ -47,10 +48,14 @@ from broker.notify import (
 )
 from broker.state import StateStore
 from vcpu.clock import now_ns
+from vcpu.memory import GuestMemory
 
 
 class BackendHost:
-    def __init__(self, spec: DeviceSpec, page_fd: int, state_fd: int, run_dir: Path, ncpus: int) -> None:
+    def __init__(
+        self, spec: DeviceSpec, page_fd: int, state_fd: int, run_dir: Path, ncpus: int,
+        ram: tuple[int, int] | None = None,
+    ) -> None:
         self.spec = spec
         self.ncpus = ncpus
         self.page = map_io_page(page_fd)
@@ -61,33 +66,50 @@ class BackendHost:
         self.completions = [push_socket(self.ctx, done_endpoint(run_dir, i)) for i in range(ncpus)]
         self.irq_sock = push_socket(self.ctx, irq_endpoint(run_dir))
         self.events = push_socket(self.ctx, broker_endpoint(run_dir))
-        self.irq_changes: list[bool] = []
+        self.lines: dict[int, bool] = {}
+        self.lines_dirty = False
         self.model_errors = 0
-        self.device = make_device(spec, self._tx, self._irq)
+        self.mem = GuestMemory(*ram) if ram else None
+        env = ModelEnv(self._tx, self._set_line, self.mem, self._open_image)
+        self.device = make_device(spec, env)
         if self.store.model_state is not None:
             self.device.restore(self.store.model_state)
+        self.lines = irq_levels(spec, self.device)
+        self.lines_dirty = True
         self.published_out = self.store.out_head
         self.spin = AdaptiveSpin()
-        self.page.ptr.irq = max(spec.irq, 0)
+        self.page.ptr.irq = spec.irqs[0] if spec.irqs else 0
         self._publish_bars()
+        self.has_work = hasattr(self.device, "work")
 
     # -- effects the model asks for -------------------------------------------------
     def _tx(self, byte: int) -> None:
         self.store.stage_output(bytes((byte,)))
 
-    def _irq(self, level: bool) -> None:
-        self.irq_changes.append(level)
+    def _open_image(self, drive: dict) -> BlockImage:
+        return BlockImage(drive["fd"], drive["readonly"], drive.get("sector_size", 512))
 
-    def _send_irq(self, level: bool) -> None:
-        if self.spec.irq >= 0:
-            self.page.ptr.irq_level = int(level)
-            ring(self.irq_sock, msgpack.packb([self.spec.name, self.spec.irq, level]))
+    def _set_line(self, line: int, level: bool) -> None:
+        if self.lines.get(line) != level:
+            self.lines[line] = level
+            self.lines_dirty = True
+
+    def _send_lines(self) -> None:
+        """Publish the line levels in the page (the truth), then wake the vcpu."""
+        mask = 0
+        for line, level in self.lines.items():
+            if level and 0 <= line < 32:
+                mask |= 1 << line
+        raised = mask & ~self.page.ptr.irq_lines
+        self.page.ptr.irq_lines = mask
+        self.lines_dirty = False
+        ring(self.irq_sock, msgpack.packb([self.spec.name, mask, bool(raised)]))
 
     def _after_publish(self) -> None:
-        # Level messages are idempotent: sent after the state that implies them is published.
-        if self.irq_changes:
-            self._send_irq(self.irq_changes[-1])
-            self.irq_changes.clear()
+        # Levels follow the published state that implies them (a death in between is
+        # repaired at restart, which republishes the restored model's levels).
+        if self.lines_dirty:
+            self._send_lines()
         if self.store.out_head != self.published_out:
             self.published_out = self.store.out_head
             if self.region.ptr.out_notify:
@@ -172,16 +194,37 @@ class BackendHost:
         slots = self.page.ptr.slots
         return [i for i in range(self.ncpus) if slots[i].state == SLOT_POSTED]
 
+    def do_work(self) -> bool:
+        """Work the model does outside any access (a DMA, a kicked virtqueue)."""
+        if not self.has_work:
+            return False
+        try:
+            more = self.device.work()
+        except Exception as e:  # noqa: BLE001 - a model bug must not take the backend down
+            self.model_errors += 1
+            print(f"splitvm: {self.spec.name}: model error in work: {e!r}", file=sys.stderr)
+            more = False
+        self.store.publish(self.device.snapshot())
+        self._after_publish()
+        return more
+
     def run(self) -> None:
-        # After a restart: tell the vcpu the line level the published state implies.
-        self._send_irq(self.device.irq_level())
+        # After a restart: tell the vcpu the line levels the published state implies.
+        self._send_lines()
         page = self.page.ptr
+        # Work (a DMA, a kicked queue) is armed only by an access or by a restore, so
+        # the model's work() runs after each served slot until it says it is done.
+        more_work = self.has_work
         while True:
-            work = self.posted()
-            for i in work:
+            served = self.posted()
+            for i in served:
                 self.serve_slot(i)
             self.pull_input()
-            if work:
+            if served:
+                more_work = self.has_work
+            if more_work:
+                more_work = self.do_work()
+            if served or more_work:
                 continue
             if self.spin.spin(lambda: bool(self.posted())):
                 continue
@@ -205,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-fd", type=int, required=True)
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--ncpus", type=int, required=True)
+    ap.add_argument("--ram-fd", type=int)
+    ap.add_argument("--ram-size", type=int)
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
     spec = DeviceSpec.from_dict(json.loads(a.spec))
-    host = BackendHost(spec, a.page_fd, a.state_fd, a.run_dir, a.ncpus)
+    ram = (a.ram_fd, a.ram_size) if a.ram_fd is not None else None
+    host = BackendHost(spec, a.page_fd, a.state_fd, a.run_dir, a.ncpus, ram)
     host.run()
     return 0
 

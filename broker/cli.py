@@ -13,7 +13,8 @@ from pathlib import Path
 
 import zmq
 
-from backends.devices import DeviceSpec, serial_spec, testdev_spec
+from backends.devices import DeviceSpec, ide_spec, serial_spec, testdev_spec, virtio_blk_spec
+from broker.drives import assign_ide_indexes, open_drives
 from broker.monitor import handle_line
 from broker.notify import monitor_endpoint
 from broker.options import Machine, UsageError, parse_args
@@ -112,10 +113,16 @@ class Console:
 
 
 def machine_devices(m: Machine) -> list[DeviceSpec]:
-    """serial0 always; then each -device, PCI slots from 1 upward unless addr= says."""
+    """serial0 always; the IDE controller if there are IDE drives; a virtio-blk function
+    per virtio drive; then each -device. PCI slots from 1 upward unless addr= says."""
     specs = [serial_spec(0)]
     taken = {o["addr"] for _d, o in m.devices if "addr" in o}
     free = (s for s in range(1, 32) if s not in taken)
+    ide = assign_ide_indexes(m.drives)
+    if any(ide):
+        specs.append(ide_spec(next(free), [None if d is None else d.as_backend_option() for d in ide]))
+    for i, d in enumerate(d for d in m.drives if d.interface == "virtio"):
+        specs.append(virtio_blk_spec(i, next(free), d.as_backend_option()))
     counts: dict[str, int] = {}
     for driver, opts in m.devices:
         index = counts.get(driver, 0)
@@ -137,8 +144,27 @@ def run_vm(m: Machine) -> int:
             except ImportError:
                 return fail("-accel tcg needs the unicorn package: pip install unicorn")
         kernel = resolve_kernel(m)
+    except (RuntimeError, OSError) as e:
+        return fail(str(e))
+    try:
+        open_drives(m.drives)
+    except UsageError as e:
+        return fail(str(e), 2)
+    except OSError as e:
+        return fail(f"-drive: {e}", 2)
+    try:
+        return run_opened(m, accel, kernel)
+    finally:
+        for d in m.drives:
+            if d.fd >= 0:
+                os.close(d.fd)
+                d.fd = -1
+
+
+def run_opened(m: Machine, accel: str, kernel: Path | None) -> int:
+    try:
         run_dir = make_run_dir(m.run_dir)
-    except (RuntimeError, FileExistsError, OSError) as e:
+    except (FileExistsError, OSError) as e:
         return fail(str(e))
     devices = machine_devices(m)
     sup = Supervisor(run_dir, m.ram_size, m.smp, devices)

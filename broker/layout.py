@@ -17,7 +17,7 @@ from cffi import FFI
 
 MAX_VCPUS = 16
 SLOT_DATA = 4096  # one page: the most a string I/O exit carries (kvm_run data page)
-STATE_MODEL_BYTES = 16384
+STATE_MODEL_BYTES = 65536
 OUT_RING = 65536
 IN_RING = 4096
 
@@ -56,7 +56,7 @@ ffi.cdef(
         uint8_t pci_config[256];   /* mirror of the device's config space, for info pci */
         uint32_t pci_bdf;          /* bus<<8 | dev<<3 | fn, or 0xFFFFFFFF: not PCI */
         uint32_t irq;              /* ISA IRQ or interrupt line in use */
-        uint32_t irq_level;        /* the line's level: the truth; messages only wake */
+        uint32_t irq_lines;        /* bitmask of the ISA lines it asserts: the truth; messages only wake */
         struct io_slot slots[{MAX_VCPUS}];
     }};
     struct state_buffer {{

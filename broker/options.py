@@ -36,6 +36,7 @@ class Machine:
     qtest: str | None = None
     name: str = "splitvm"
     devices: list[tuple[str, dict]] = field(default_factory=list)  # -device DRIVER,k=v...
+    drives: list = field(default_factory=list)  # broker.drives.Drive, from -drive/-hda../-cdrom
 
 
 def parse_size(opt: str, text: str) -> int:
@@ -159,6 +160,14 @@ def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
         m.qtest = str(value)
     elif key == "name":
         m.name = str(value)
+    elif key == "drive":
+        from broker.drives import parse_drive
+
+        m.drives.append(parse_drive(opt, value))
+    elif key in ("hda", "hdb", "hdc", "hdd", "cdrom"):
+        from broker.drives import shorthand
+
+        m.drives.append(shorthand("-" + key, str(value)))
     elif key == "device":
         m.devices.append(parse_device(opt, value))
     else:
@@ -167,7 +176,7 @@ def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
 
 FLAGS = {"-nographic", "-enable-kvm"}
 TOML_KEYS = {"accel", "memory", "m", "smp", "kernel", "append", "monitor", "serial", "nographic", "trace",
-             "run-dir", "name", "qtest", "device"}
+             "run-dir", "name", "qtest", "device", "drive", "hda", "hdb", "hdc", "hdd", "cdrom"}
 
 
 def load_config(path: Path, m: Machine) -> None:
@@ -183,7 +192,7 @@ def load_config(path: Path, m: Machine) -> None:
             raise UsageError(f"--config: {path}: unknown key {key!r}")
         if key == "nographic":
             continue
-        for v in value if isinstance(value, list) and key == "device" else [value]:
+        for v in value if isinstance(value, list) and key in ("device", "drive") else [value]:
             _apply(m, f"{key} (in {path})", v, key)
 
 
@@ -214,6 +223,9 @@ def parse_args(argv: list[str]) -> Machine:
             raise UsageError(f"-{name}: needs a value")
         _apply(m, "-" + name, argv[i + 1])
         i += 2
+    from broker.drives import assign_ide_indexes
+
+    assign_ide_indexes(m.drives)
     ids = [o["id"] for _d, o in m.devices if "id" in o]
     if len(ids) != len(set(ids)) or "serial0" in ids:
         raise UsageError("-device: two devices with the same id")

@@ -67,6 +67,12 @@ class BackendProcess:
         return self.spec.name
 
 
+def drive_fds(spec: DeviceSpec) -> list[int]:
+    """The image descriptors a backend inherits (opened and locked by the broker)."""
+    drives = list(spec.options.get("drives", [])) + [spec.options.get("drive")]
+    return [d["fd"] for d in drives if d is not None]
+
+
 def make_run_dir(requested: Path | None) -> Path:
     if requested is None:
         base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
@@ -103,13 +109,17 @@ class Supervisor:
 
     # -- starting ----------------------------------------------------------------------
     def start_backend(self, b: BackendProcess) -> None:
-        os.set_inheritable(b.page_fd, True)
-        os.set_inheritable(b.state_fd, True)
+        fds = [b.page_fd, b.state_fd] + drive_fds(b.spec)
         args = [
             "--spec", json.dumps(b.spec.to_dict()), "--page-fd", str(b.page_fd), "--state-fd", str(b.state_fd),
             "--run-dir", str(self.run_dir), "--ncpus", str(self.ncpus),
         ]
-        b.proc = spawn("backends.host", args, (b.page_fd, b.state_fd))
+        if b.spec.needs_ram:
+            fds.append(self.ram_fd)
+            args += ["--ram-fd", str(self.ram_fd), "--ram-size", str(self.ram_size)]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        b.proc = spawn("backends.host", args, tuple(fds))
         b.pidfd = pidfd(b.proc.pid)
         b.state = RUNNING
         b.page.ptr.failed = 0
@@ -122,8 +132,7 @@ class Supervisor:
         cfg.update(
             ram_fd=self.ram_fd, ram_size=self.ram_size, ncpus=self.ncpus, run_dir=str(self.run_dir),
             backends=[
-                {"name": b.name, "page_fd": b.page_fd, "ports": b.spec.ports, "pci_bdf": b.spec.pci_bdf,
-                 "irq": b.spec.irq}
+                {"name": b.name, "page_fd": b.page_fd, "ports": b.spec.ports, "pci_bdf": b.spec.pci_bdf}
                 for b in self.backends.values()
             ],
         )

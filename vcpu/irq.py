@@ -18,11 +18,11 @@ class InterruptState:
         self.sources: dict[tuple[str, int], bool] = {}
         self.cond = threading.Condition()
         self.raised = 0  # how many raise messages arrived (info irq)
-        self.shared: list[tuple[int, Callable[[], bool]]] = []
+        self.shared: list[Callable[[], int]] = []
 
-    def add_shared_source(self, line: int, level: Callable[[], bool]) -> None:
-        """A source whose level is read from shared memory."""
-        self.shared.append((line, level))
+    def add_shared_source(self, lines: Callable[[], int]) -> None:
+        """A source whose asserted lines (a bitmask) are read from shared memory."""
+        self.shared.append(lines)
 
     def set_level(self, source: str, line: int, level: bool) -> None:
         with self.cond:
@@ -41,9 +41,8 @@ class InterruptState:
     def pending(self) -> int:
         """Bitmask of asserted lines."""
         mask = 0
-        for line, level in self.shared:
-            if 0 <= line < 32 and level():
-                mask |= 1 << line
+        for lines in self.shared:
+            mask |= lines()
         for (_src, line), level in list(self.sources.items()):
             if level and 0 <= line < 32:
                 mask |= 1 << line

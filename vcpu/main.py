@@ -72,8 +72,7 @@ def build_router(cfg: dict, ctx: zmq.Context, irq: InterruptState, tsc_khz: int,
             for i in range(ncpus)
         ]
         backends.append(Backend(d["name"], page, clients, [tuple(p) for p in d["ports"]], d["pci_bdf"]))
-        if d.get("irq", -1) >= 0:
-            irq.add_shared_source(d["irq"], lambda p=page: bool(p.ptr.irq_level))
+        irq.add_shared_source(lambda p=page: p.ptr.irq_lines)
     boot = BootInfo(cfg["ram_size"], ncpus, tsc_khz, cfg["cmdline"].encode())
     return Router(PlatformPorts(boot, irq), backends, trace)
 

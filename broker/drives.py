@@ -1,0 +1,175 @@
+"""-drive and its shorthands (-hda..-hdd, -cdrom), checked and opened before the guest starts.
+
+QEMU's spelling: -drive file=PATH[,if=ide|virtio][,index=N][,media=disk|cdrom]
+[,format=raw][,readonly=on][,cache=writeback|none][,serial=S][,id=ID].
+Images are opened and locked here, by the broker, which holds them for the VM's life
+and hands the descriptors to the backends: a backend's death never drops a lock.
+Locks follow QEMU's rule: one writer, or any number of readers (flock, on the whole file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.options import UsageError
+
+IDE_MAX = 4
+DISK_SECTOR, CD_SECTOR = 512, 2048
+QCOW_MAGIC = b"QFI\xfb"
+VMDK_MAGIC = b"KDMV"
+VDI_SIG = b"<<< "
+
+BOOLS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
+
+
+@dataclass
+class Drive:
+    file: Path
+    interface: str = "ide"  # ide | virtio
+    index: int | None = None
+    media: str = "disk"
+    readonly: bool = False
+    cache: str = "writeback"
+    serial: str = ""
+    opt: str = "-drive"
+    fd: int = -1
+
+    def as_backend_option(self) -> dict:
+        name = self.file.name
+        return {
+            "fd": self.fd, "media": self.media, "readonly": self.readonly,
+            "serial": self.serial or f"SV{abs(hash(str(self.file.resolve()))) % 10**10:010d}",
+            "model": f"SPLITVM {'DVD-ROM' if self.media == 'cdrom' else 'HARDDISK'}",
+            "sector_size": CD_SECTOR if self.media == "cdrom" else DISK_SECTOR, "file": name,
+        }
+
+
+def parse_drive(opt: str, text: str) -> Drive:
+    props: dict[str, str] = {}
+    for part in str(text).split(","):
+        k, eq, v = part.partition("=")
+        if not eq:
+            raise UsageError(f"{opt}: expected KEY=VALUE, got {part!r}")
+        if k in props:
+            raise UsageError(f"{opt}: {k}= given twice")
+        props[k] = v
+    known = {"file", "if", "index", "media", "format", "readonly", "cache", "serial", "id"}
+    for k in props:
+        if k not in known:
+            raise UsageError(f"{opt}: unknown property {k!r} (known: {', '.join(sorted(known))})")
+    if not props.get("file"):
+        raise UsageError(f"{opt}: needs file=PATH")
+    d = Drive(Path(props["file"]).expanduser(), opt=opt)
+    d.interface = props.get("if", "ide")
+    if d.interface not in ("ide", "virtio"):
+        raise UsageError(f"{opt}: if={d.interface} is not supported (ide or virtio)")
+    if "index" in props:
+        if not props["index"].isdigit():
+            raise UsageError(f"{opt}: index={props['index']} is not a number")
+        d.index = int(props["index"])
+    d.media = props.get("media", "disk")
+    if d.media not in ("disk", "cdrom"):
+        raise UsageError(f"{opt}: media={d.media} (disk or cdrom)")
+    if d.media == "cdrom" and d.interface != "ide":
+        raise UsageError(f"{opt}: media=cdrom needs if=ide")
+    fmt = props.get("format", "raw")
+    if fmt != "raw":
+        raise UsageError(f"{opt}: format={fmt} is not supported, only raw: "
+                         f"convert with  qemu-img convert -O raw {d.file} {d.file.with_suffix('.raw')}")
+    ro = props.get("readonly", "off")
+    if ro not in BOOLS:
+        raise UsageError(f"{opt}: readonly={ro} (on or off)")
+    d.readonly = BOOLS[ro] or d.media == "cdrom"
+    d.cache = props.get("cache", "writeback")
+    if d.cache not in ("writeback", "none", "writethrough", "directsync", "unsafe"):
+        raise UsageError(f"{opt}: cache={d.cache} (writeback or none)")
+    d.serial = props.get("serial", "")
+    if len(d.serial) > 20 or not all(32 < ord(c) < 127 for c in d.serial):
+        raise UsageError(f"{opt}: serial= is at most 20 printable characters")
+    return d
+
+
+def shorthand(opt: str, path: str) -> Drive:
+    """-hda..-hdd and -cdrom, as QEMU spells them."""
+    if opt == "-cdrom":
+        return Drive(Path(path).expanduser(), "ide", 2, "cdrom", True, opt=opt)
+    return Drive(Path(path).expanduser(), "ide", "abcd".index(opt[-1]), "disk", opt=opt)
+
+
+def assign_ide_indexes(drives: list[Drive]) -> list[Drive | None]:
+    """Place IDE drives at 0..3 (primary master/slave, secondary master/slave)."""
+    slots: list[Drive | None] = [None] * IDE_MAX
+    for d in drives:
+        if d.interface != "ide" or d.index is None:
+            continue
+        if d.index >= IDE_MAX:
+            raise UsageError(f"{d.opt}: index={d.index}: IDE has 4 positions, 0 to 3")
+        if slots[d.index] is not None:
+            raise UsageError(f"{d.opt}: IDE index {d.index} is already taken by {slots[d.index].file}")
+        slots[d.index] = d
+    for d in drives:
+        if d.interface == "ide" and d.index is None:
+            if None not in slots:
+                raise UsageError(f"{d.opt}: {d.file}: at most 4 IDE drives")
+            d.index = slots.index(None)
+            slots[d.index] = d
+    return slots
+
+
+def check_image(d: Drive) -> None:
+    """Everything that can be known before opening: exists, readable, a raw image of a sane size."""
+    if not d.file.is_file():
+        raise UsageError(f"{d.opt}: {d.file}: no such file")
+    if not os.access(d.file, os.R_OK) or (not d.readonly and not os.access(d.file, os.W_OK)):
+        raise UsageError(f"{d.opt}: {d.file}: permission denied" + ("" if d.readonly else " (readonly=on?)"))
+    size = d.file.stat().st_size
+    sector = CD_SECTOR if d.media == "cdrom" else DISK_SECTOR
+    if size < sector:
+        raise UsageError(f"{d.opt}: {d.file}: {size} bytes is too small for a {d.media} (at least {sector})")
+    with open(d.file, "rb") as f:
+        head = f.read(4)
+    if head in (QCOW_MAGIC, VMDK_MAGIC):
+        raise UsageError(f"{d.opt}: {d.file} is a {'qcow2' if head == QCOW_MAGIC else 'vmdk'} image, not raw: "
+                         f"convert with  qemu-img convert -O raw {d.file} {d.file.with_suffix('.raw')}")
+
+
+def open_drive(d: Drive) -> int:
+    """Open and lock the image; the broker keeps the descriptor for the VM's life."""
+    flags = (os.O_RDONLY if d.readonly else os.O_RDWR) | os.O_CLOEXEC
+    if d.cache in ("none", "directsync", "writethrough"):
+        # Write-through: every completed write is on stable storage. (O_DIRECT would need
+        # every guest buffer 512-aligned, which a guest does not promise.)
+        flags |= os.O_DSYNC if not d.readonly else 0
+    fd = os.open(d.file, flags)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if d.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        who = "is open for writing elsewhere" if d.readonly else "is in use by another process"
+        kind = "shared" if d.readonly else "write"
+        raise UsageError(f"{d.opt}: {d.file} {who} (failed to get a {kind} lock)") from None
+    d.fd = fd
+    return fd
+
+
+def open_drives(drives: list[Drive]) -> None:
+    """Check and open every drive; on any error close those already opened."""
+    opened: list[int] = []
+    try:
+        for d in drives:
+            check_image(d)
+        seen: dict[tuple[int, int], Drive] = {}
+        for d in drives:
+            st = d.file.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen and not (d.readonly and seen[key].readonly):
+                raise UsageError(f"{d.opt}: {d.file} is already used by {seen[key].opt} (one writer per image)")
+            seen[key] = d
+            opened.append(open_drive(d))
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
