@@ -97,7 +97,7 @@ def make_device(spec: DeviceSpec, env: ModelEnv) -> object:
         d = spec.options["drive"]
         line = spec.irqs[0]
         return VirtioBlk(env.mem, env.open_image(d), lambda level: env.set_line(line, level), serial=d["serial"],
-                         readonly=d["readonly"])
+                         readonly=d["readonly"], irq_line=line)
     raise ValueError(f"unknown device kind {spec.kind!r}")
 
 

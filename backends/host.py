@@ -48,7 +48,7 @@ from broker.notify import (
 )
 from broker.state import StateStore
 from vcpu.clock import now_ns
-from vcpu.memory import GuestMemory
+from vcpu.memory import GuestMemory, fence
 
 
 class BackendHost:
@@ -159,6 +159,7 @@ class BackendHost:
         slot.t_done = now_ns()
         self.page.ptr.served += 1
         slot.state = SLOT_DONE
+        fence()  # DONE visible before we read the vcpu's asleep flag
         if slot.vcpu_asleep:
             ring(self.completions[i], b"")
 
@@ -229,6 +230,7 @@ class BackendHost:
             if self.spin.spin(lambda: bool(self.posted())):
                 continue
             page.backend_asleep = 1
+            fence()  # asleep flag visible before we look at the slots (the vcpu does the mirror)
             while not self.posted() and not self._input_waiting():
                 if self.door.poll(SLEEP_RECHECK_MS * 10):
                     drain(self.door)

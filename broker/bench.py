@@ -78,6 +78,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--echo"]:
         _echo(int(argv[1]), int(argv[2]), int(argv[3]))
         return 0
+    if argv[:1] == ["disk"]:
+        from broker.bench_disk import main as disk_main
+
+        return disk_main(argv[1:])
     ap = argparse.ArgumentParser(prog="splitvm bench")
     ap.add_argument("what", choices=["exit"])
     ap.add_argument("-accel", default="kvm", choices=["kvm", "tcg"])

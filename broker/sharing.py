@@ -27,6 +27,7 @@ from broker.layout import (
     ffi,
 )
 from broker.notify import SLEEP_RECHECK_MS, AdaptiveSpin, drain, ring
+from vcpu.memory import fence
 
 # A posted slot whose backend is restarting waits; once the supervisor marks the
 # backend failed, the slot is completed with all-ones within this bound.
@@ -86,6 +87,7 @@ class SlotClient:
             slot.t_exit = timing.t_exit
             slot.t_post = timing.t_post = time.monotonic_ns()
         slot.state = SLOT_POSTED  # the store that hands the slot over
+        fence()  # ... seen before we read the backend's asleep flag (Dekker: it does the mirror)
         if page.backend_asleep:
             ring(self.doorbell, b"%d" % self.cpu)
         if not self.spin.spin(lambda: slot.state == SLOT_DONE):
@@ -101,6 +103,7 @@ class SlotClient:
 
     def _sleep(self, page: object, slot: object, nbytes: int) -> None:
         slot.vcpu_asleep = 1
+        fence()
         failed_since = None
         while slot.state != SLOT_DONE:
             if self.completion.poll(SLEEP_RECHECK_MS, zmq.POLLIN):

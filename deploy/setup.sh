@@ -11,6 +11,7 @@ apt_missing=""
 command -v gcc >/dev/null 2>&1 || apt_missing="$apt_missing gcc libc6-dev"
 if [ "$want" = test ]; then
     command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_missing="$apt_missing qemu-system-x86"
+    command -v mkfs.fat >/dev/null 2>&1 || [ -x /sbin/mkfs.fat ] || apt_missing="$apt_missing dosfstools"
 fi
 if [ -n "$apt_missing" ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 
@@ -18,6 +19,21 @@ STACK_PER_VCPU = 0x8000
 FIRMWARE_BASE = 0x100000
 PCI_MMIO_BASE = 0xE0000000
 PCI_MMIO_END = 0x1_0000_0000
+
+
+_libc = ctypes.CDLL(None)
+_fence_word = ctypes.c_int(0)
+
+
+def fence() -> None:
+    """A full memory barrier (a locked xchg inside pthread_spin_trylock on x86-64).
+
+    Python has no fence of its own, and x86 lets a load pass an earlier store. The
+    "store my flag, then load the peer's" handshakes (virtio 2.7.10 notification
+    suppression, the sharing page's asleep flags) need one between the two.
+    """
+    if _libc.pthread_spin_trylock(ctypes.byref(_fence_word)) == 0:
+        _libc.pthread_spin_unlock(ctypes.byref(_fence_word))
 
 
 class GuestMemoryError(ValueError):
@@ -61,10 +77,11 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         self.slice(gpa, 8)[:] = value.to_bytes(8, "little")
 
+    def fence(self) -> None:
+        fence()
+
     def address(self) -> int:
         """Host virtual address of the mapping (for KVM memslots and unicorn)."""
-        import ctypes
-
         return ctypes.addressof(ctypes.c_char.from_buffer(self.map))
 
     def close(self) -> None:

@@ -3,6 +3,9 @@
 #include <stdint.h>
 
 #include "bench.h"
+#include "blk.h"
+#include "fat.h"
+#include "ide.h"
 #include "lib.h"
 #include "pci.h"
 #include "platform.h"
@@ -121,6 +124,15 @@ static void cmd_count(int argc, char **argv)
 		kprintf("%0*lu\n", (int)width, i);
 }
 
+/* `bench disk ...` lives in blk_bench.c, `bench pio ...` in bench.c. */
+static void cmd_bench_any(int argc, char **argv)
+{
+	if (argc > 1 && !strcmp(argv[1], "disk"))
+		cmd_bench_disk(argc, argv);
+	else
+		cmd_bench(argc, argv);
+}
+
 static const struct command {
 	const char *name;
 	const char *usage;
@@ -135,8 +147,16 @@ static const struct command {
 	  cmd_info },
 	{ "count", "count N [WIDTH]",
 	  "print 0..N-1, zero-padded to WIDTH digits (default 6)", cmd_count },
-	{ "bench", "bench pio PORT [N]", "time N trapped reads of PORT (median, p99)",
-	  cmd_bench },
+	{ "bench", "bench pio PORT [N] / bench disk DEV ...", "time port reads or disk I/O",
+	  cmd_bench_any },
+	{ "lsblk", "lsblk", "list block devices: NAME SIZE TYPE DRIVER [ro]", cmd_lsblk },
+	{ "dd", "dd if= of= [bs=] [count=] [skip=] [seek=]", "copy blocks between devices",
+	  cmd_dd },
+	{ "sha256sum", "sha256sum DEV [BYTES]", "SHA-256 of a device (or its first BYTES)",
+	  cmd_sha256sum },
+	{ "sync", "sync", "flush the write caches of all devices", cmd_sync },
+	{ "fatlabel", "fatlabel DEV", "print the volume label of a FAT file system", cmd_fatlabel },
+	{ "ide", "ide pio|dma", "transfer mode of the IDE disks", cmd_ide },
 	{ "peek", "peek ADDR", "32-bit read of memory or MMIO", cmd_peek },
 	{ "poke", "poke ADDR VAL", "32-bit write of memory or MMIO", cmd_poke },
 	{ "in", "in PORT [b|w|l]", "read an I/O port", cmd_in },
@@ -224,6 +244,7 @@ void fw_main(uint64_t cpu_index, uint64_t mb_info)
 		kputs("\n"); /* SeaBIOS leaves the cursor after "Booting from ROM.." */
 	kputs("splitvm firmware\n");
 	pci_init();
+	blk_init(); /* IDE and virtio-blk disks */
 
 	if (platform_cmdline(cmdline, sizeof(cmdline)))
 		run_boot_commands(cmdline);
