@@ -375,8 +375,23 @@ static bool identify(struct ide_drive *d)
 {
 	select_drive(d, 0);
 	uint8_t st = inb(d->ctrl);
-	if (st == 0xFF || st == 0x00)
-		return false; /* floating bus / absent device (QEMU reads 0) */
+	if (st == 0xFF)
+		return false; /* floating bus */
+	if (st == 0x00) {
+		/* Absent (QEMU reads 0), or a packet device after reset: those keep DRDY
+		 * clear until IDENTIFY PACKET DEVICE and show their signature (ATA-8 ACS 9.12). */
+		uint8_t mid = inb(d->base + REG_LBA1), high = inb(d->base + REG_LBA2);
+		if (!((mid == 0x14 && high == 0xEB) || (mid == 0x69 && high == 0x96)))
+			return false;
+		d->atapi = true;
+		outb(d->base + REG_STATUS, CMD_IDENTIFY_PACKET);
+		delay400(d);
+		if (wait_ready(d, true, PROBE_TIMEOUT_MS))
+			return false;
+		insw(d->base + REG_DATA, identify_buf, 256);
+		(void)inb(d->base + REG_STATUS);
+		return true;
+	}
 	if (wait_ready(d, false, PROBE_TIMEOUT_MS) == -2)
 		return false;
 	outb(d->base + REG_COUNT, 0);
