@@ -8,6 +8,7 @@ broker/drives.py); a backend process gets its descriptor.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 SECTOR = 512
 
@@ -33,27 +34,22 @@ class BlockImage:
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> int:
         """Fill `buffers` (e.g. slices of guest RAM) from the image at `offset`."""
-        total = sum(len(b) for b in buffers)
-        self._check(offset, total)
-        done = 0
-        while done < total:
-            n = os.preadv(self.fd, _skip(buffers, done), offset + done)
-            if n <= 0:
-                raise BlockImageError(f"short read at {offset + done}")
-            done += n
-        return total
+        return self._transfer(os.preadv, "read", offset, buffers)
 
     def write_from(self, offset: int, buffers: list[memoryview]) -> int:
         """Write `buffers` to the image at `offset` (idempotent: replay writes the same)."""
         if self.readonly:
             raise BlockImageError("image is read-only")
+        return self._transfer(os.pwritev, "write", offset, buffers)
+
+    def _transfer(self, op: Callable, what: str, offset: int, buffers: list[memoryview]) -> int:
         total = sum(len(b) for b in buffers)
         self._check(offset, total)
         done = 0
-        while done < total:
-            n = os.pwritev(self.fd, _skip(buffers, done), offset + done)
+        while done < total:  # a short transfer resumes where it stopped
+            n = op(self.fd, _skip(buffers, done), offset + done)
             if n <= 0:
-                raise BlockImageError(f"short write at {offset + done}")
+                raise BlockImageError(f"short {what} at {offset + done}")
             done += n
         return total
 

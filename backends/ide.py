@@ -11,6 +11,14 @@ Register semantics: ATA/ATAPI-6 (T13/1410D) clause 7 (registers; 7.14 Status), c
 (commands), clause 9 (protocols: 9.2 software reset, 9.5 PIO data-in, 9.6 PIO data-out,
 9.7 DMA, 9.8 PACKET). Bus master: Intel PIIX3 datasheet, "Bus Master IDE" registers.
 CD-ROM packet commands live in backends/atapi.py.
+
+Restart contract: every register access is applied to the snapshot the host publishes
+atomically, so a killed ide0 replays at most the access it died in (a register write,
+or one rep insw/outsw, which moves the same bytes of the same DRQ block again: a PIO
+write pwrites a sector only when its block is complete, and the same sector twice is
+idempotent). A DMA chunk in work() is replayed from the published progress: pread into
+guest RAM and pwrite from it are idempotent. The interrupt is a level, republished at
+restart. Nothing here needs exactly-once by luck.
 """
 
 from __future__ import annotations

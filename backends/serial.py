@@ -7,6 +7,12 @@ through callables given at construction. Received bytes are pushed in with
 There is no character clock: a transmitted byte leaves at once (THRE and TEMT stay
 set), and the character-timeout indication (IIR 0x0C) is raised as soon as data
 sits in the FIFO below its trigger level.
+
+Restart contract (the host, backends/host.py): a transmitted byte is *staged* in the
+state region's output ring with the state that sent it, and the supervisor drains it,
+so a killed serial0 never loses or doubles console text; a received byte leaves the
+input ring only in the published state that put it in the FIFO; RBR and IIR reads that
+change state are answered from the saved result if the process died after publishing.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ class StateStore:
         self.out_head = cur.out_head
         self.in_tail = cur.in_tail
         self.model_state = msgpack.unpackb(bytes(ffi.buffer(cur.model, cur.model_len))) if cur.model_len else None
+        self.last_blob = bytes(ffi.buffer(cur.model, cur.model_len))
 
     def applied(self, slot: int, seq: int) -> bool:
         return self.last_seq[slot] == seq
@@ -65,6 +66,10 @@ class StateStore:
         gen = r.generation
         nxt = r.buf[(gen + 1) & 1]
         blob = msgpack.packb(model_state)
+        if (slot is None and blob == self.last_blob and self.out_head == r.buf[gen & 1].out_head
+                and self.in_tail == r.buf[gen & 1].in_tail):
+            return  # nothing changed (an idle poll): the published state already says it
+        self.last_blob = blob
         if len(blob) > STATE_MODEL_BYTES:
             raise StateTooLarge(f"model state {len(blob)} bytes > {STATE_MODEL_BYTES}")
         if slot is not None:

@@ -65,12 +65,10 @@ def test_copy_between_ide_and_virtio_checked_on_the_host(accel, disks, run_dir):
 
 
 def run_commands_qemu(firmware, a, b, c, commands):
-    from test_firmware_disks_qemu import Console
+    from qemuutil import QemuConsole, qemu_cmd
 
-    con = Console([QEMU, "-kernel", str(firmware), "-nographic", "-accel", "tcg", "-m", "128", "-no-reboot",
-                   "-nic", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                   "-drive", f"file={a},if=ide,index=0,format=raw", "-drive", f"file={b},if=virtio,format=raw",
-                   "-cdrom", str(c)])
+    con = QemuConsole(qemu_cmd(firmware, "-drive", f"file={a},if=ide,index=0,format=raw",
+                               "-drive", f"file={b},if=virtio,format=raw", "-cdrom", str(c)))
     try:
         con.wait_for_prompts(1, 60)
         return [con.command(cmd, 120) for cmd in commands]

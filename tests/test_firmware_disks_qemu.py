@@ -15,17 +15,13 @@ import importlib
 import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
-import time
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
+from qemuutil import QEMU, QemuConsole, qemu_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-QEMU = shutil.which("qemu-system-x86_64")
 PROMPT = "splitvm> "
 BOOT_TIMEOUT = 120.0
 COMMAND_TIMEOUT = 180.0  # TCG is slow; bench and whole-disk hashes take a while
@@ -37,64 +33,6 @@ pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed (apt-get install gcc)"),
 ]
-
-
-class Console:
-    """QEMU with its serial console on stdin/stdout."""
-
-    def __init__(self, cmd: list[str]) -> None:
-        self._buf = bytearray()
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):
-            with self._cond:
-                self._buf += chunk
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def text(self) -> str:
-        with self._cond:
-            return self._buf.decode(errors="replace").replace("\r", "")
-
-    def wait_for_prompts(self, count: int, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                text = self._buf.decode(errors="replace").replace("\r", "")
-                if text.count(PROMPT) >= count:
-                    return text
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"timed out waiting for prompt #{count}; output so far:\n{text}")
-                self._cond.wait(min(remaining, 0.5))
-
-    def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> list[str]:
-        """Type `line` at the prompt and return the lines it printed."""
-        before = self.text
-        n = before.count(PROMPT)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-        after = self.wait_for_prompts(n + 1, timeout)
-        start = after.index(PROMPT + line + "\n", len(before) - len(PROMPT))
-        body = after[start + len(PROMPT) + len(line) + 1 :]
-        return body[: body.index(PROMPT)].splitlines()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdin is not None:
-            with suppress(BrokenPipeError):
-                self.proc.stdin.close()
-        self._reader.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +55,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def console(firmware: Path, images: dict[str, Path]):
-    assert QEMU is not None
-    cmd = [
-        QEMU,
-        "-kernel", str(firmware),
-        "-nographic",
-        "-accel", "tcg",
-        "-m", "128",
-        "-no-reboot",
-        "-nic", "none",
-        "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    cmd = qemu_cmd(
+        firmware,
         "-drive", f"file={images['hda']},if=ide,index=0,format=raw",
         "-drive", f"file={images['vda']},if=virtio,format=raw",
         "-cdrom", str(images["hdc"]),
-    ]  # fmt: skip
-    con = Console(cmd)
+    )  # fmt: skip
+    con = QemuConsole(cmd)
     try:
         con.wait_for_prompts(1, BOOT_TIMEOUT)
         yield con
@@ -150,11 +80,11 @@ BENCH_RE = re.compile(
 )
 
 
-def test_sha256_selftest(console: Console) -> None:
+def test_sha256_selftest(console: QemuConsole) -> None:
     assert console.command("sha256sum --selftest") == ["sha256: selftest OK"]
 
 
-def test_lsblk(console: Console) -> None:
+def test_lsblk(console: QemuConsole) -> None:
     assert console.command("lsblk") == [
         f"hda {DISK_SIZE} disk ide-dma",
         f"hdc {CD_SIZE} cdrom atapi ro",
@@ -163,16 +93,16 @@ def test_lsblk(console: Console) -> None:
 
 
 @pytest.mark.parametrize("dev", ["hda", "vda", "hdc"])
-def test_sha256sum_matches_host(console: Console, images: dict[str, Path], dev: str) -> None:
+def test_sha256sum_matches_host(console: QemuConsole, images: dict[str, Path], dev: str) -> None:
     assert console.command(f"sha256sum {dev}") == [f"{sha256(images[dev])}  {dev}"]
 
 
-def test_sha256sum_prefix(console: Console, images: dict[str, Path]) -> None:
+def test_sha256sum_prefix(console: QemuConsole, images: dict[str, Path]) -> None:
     # 1000 bytes: not a sector multiple, exercises the partial last chunk.
     assert console.command("sha256sum hdc 1000") == [f"{sha256(images['hdc'], 1000)}  hdc"]
 
 
-def test_dd_hda_to_vda(console: Console, images: dict[str, Path]) -> None:
+def test_dd_hda_to_vda(console: QemuConsole, images: dict[str, Path]) -> None:
     assert console.command("dd if=hda of=vda bs=4096 count=256") == [
         "256+0 records in",
         "256+0 records out",
@@ -182,7 +112,7 @@ def test_dd_hda_to_vda(console: Console, images: dict[str, Path]) -> None:
     assert console.command(f"sha256sum vda {n}") == [f"{sha256(images['hda'], n)}  vda"]
 
 
-def test_dd_skip_seek_pio_sized(console: Console, images: dict[str, Path]) -> None:
+def test_dd_skip_seek_pio_sized(console: QemuConsole, images: dict[str, Path]) -> None:
     # cdrom -> disk with skip/seek; 64 KiB requests cross PRD 64 KiB pieces.
     assert console.command("dd if=hdc of=hda bs=65536 skip=2 seek=3 count=4") == [
         "4+0 records in",
@@ -192,18 +122,18 @@ def test_dd_skip_seek_pio_sized(console: Console, images: dict[str, Path]) -> No
     assert images["hda"].read_bytes()[3 * 65536 : 7 * 65536] == cd[2 * 65536 : 6 * 65536]
 
 
-def test_dd_to_cdrom_fails(console: Console) -> None:
+def test_dd_to_cdrom_fails(console: QemuConsole) -> None:
     assert console.command("dd if=hda of=hdc bs=2048 count=1") == [
         "dd: failed to open 'hdc': Read-only file system"
     ]
 
 
-def test_dd_unknown_device(console: Console) -> None:
+def test_dd_unknown_device(console: QemuConsole) -> None:
     assert console.command("dd if=nope of=vda") == ["dd: failed to open 'nope': No such file or directory"]
 
 
 @pytest.mark.parametrize("dev,qd", [("vda", 8), ("hda", 1)])
-def test_bench_disk_read(console: Console, dev: str, qd: int) -> None:
+def test_bench_disk_read(console: QemuConsole, dev: str, qd: int) -> None:
     out = console.command(f"bench disk {dev} read bs=65536 size=1M qd={qd}")
     assert len(out) == 2, out
     m = BENCH_RE.fullmatch(out[0])
@@ -212,7 +142,7 @@ def test_bench_disk_read(console: Console, dev: str, qd: int) -> None:
     assert m and m.group(1, 2, 3, 5) == (dev, "randread", "4096", str(qd)), out[1]
 
 
-def test_bench_disk_write_pattern(console: Console, images: dict[str, Path]) -> None:
+def test_bench_disk_write_pattern(console: QemuConsole, images: dict[str, Path]) -> None:
     out = console.command("bench disk vda write bs=4096 size=64K qd=4")
     assert len(out) == 1 and BENCH_RE.fullmatch(out[0]), out
     data = images["vda"].read_bytes()
@@ -221,5 +151,5 @@ def test_bench_disk_write_pattern(console: Console, images: dict[str, Path]) -> 
         assert int.from_bytes(data[off + 8 : off + 16], "little") == off
 
 
-def test_bench_disk_write_readonly(console: Console) -> None:
+def test_bench_disk_write_readonly(console: QemuConsole) -> None:
     assert console.command("bench disk hdc write") == ["bench disk: hdc: Read-only file system"]

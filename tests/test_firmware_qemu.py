@@ -10,19 +10,16 @@ from __future__ import annotations
 import importlib
 import shutil
 import struct
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from qemuutil import QEMU, QemuConsole, qemu_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-QEMU = shutil.which("qemu-system-x86_64")
 PROMPT = "splitvm> "
 BOOT_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 30.0
@@ -46,93 +43,9 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build_module().build(tmp_path_factory.mktemp("firmware"))
 
 
-class QemuConsole:
-    """A QEMU process whose serial console is stdin/stdout."""
-
-    def __init__(self, firmware: Path, append: str | None = None) -> None:
-        assert QEMU is not None
-        cmd = [
-            QEMU,
-            "-kernel", str(firmware),
-            "-nographic",
-            "-accel", "tcg",
-            "-m", "128",
-            "-no-reboot",
-            "-nic", "none",
-            "-device", "e1000",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        ]  # fmt: skip
-        if append is not None:
-            cmd += ["-append", append]
-        self._buf = bytearray()
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):
-            with self._cond:
-                self._buf += chunk
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def text(self) -> str:
-        """Everything printed so far, with CRs dropped."""
-        with self._cond:
-            return self._buf.decode(errors="replace").replace("\r", "")
-
-    def wait_for_prompts(self, count: int, timeout: float) -> str:
-        """Wait until the prompt has been printed `count` times."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                text = self._buf.decode(errors="replace").replace("\r", "")
-                if text.count(PROMPT) >= count:
-                    return text
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None):
-                    raise AssertionError(f"timed out waiting for prompt #{count}; output so far:\n{text}")
-                self._cond.wait(min(remaining, 0.5))
-
-    def send_line(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def command(self, line: str) -> list[str]:
-        """Type `line` at the prompt and return the lines it printed."""
-        before = self.wait_for_prompts(self.text.count(PROMPT), COMMAND_TIMEOUT)
-        n = before.count(PROMPT)
-        self.send_line(line)
-        after = self.wait_for_prompts(n + 1, COMMAND_TIMEOUT)
-        # Output of this command: from the echoed input up to the next prompt.
-        start = after.index(PROMPT + line + "\n", len(before) - len(PROMPT))
-        body = after[start + len(PROMPT) + len(line) + 1 :]
-        return body[: body.index(PROMPT)].splitlines()
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"QEMU did not exit; output:\n{self.text}") from None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdin is not None:
-            with suppress(BrokenPipeError):
-                self.proc.stdin.close()
-        self._reader.join(5)
-
-
 @contextmanager
 def _boot(firmware: Path, append: str | None = None) -> Iterator[QemuConsole]:
-    console = QemuConsole(firmware, append)
+    console = QemuConsole(qemu_cmd(firmware, "-device", "e1000", *(["-append", append] if append else [])))
     # Boot commands are echoed after a prompt too; wait for the interactive one.
     boot_commands = [c for c in (append or "").split(";") if c.strip()]
     try:

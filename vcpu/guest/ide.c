@@ -370,6 +370,19 @@ static int atapi_flush(struct blkdev *b)
 static const struct blk_ops ata_ops = { .rw = ata_rw, .flush = ata_flush };
 static const struct blk_ops atapi_ops = { .rw = atapi_rw, .flush = atapi_flush };
 
+/* IDENTIFY PACKET DEVICE into identify_buf, for a drive that showed the ATAPI signature. */
+static bool identify_packet(struct ide_drive *d)
+{
+	d->atapi = true;
+	outb(d->base + REG_STATUS, CMD_IDENTIFY_PACKET);
+	delay400(d);
+	if (wait_ready(d, true, PROBE_TIMEOUT_MS))
+		return false;
+	insw(d->base + REG_DATA, identify_buf, 256);
+	(void)inb(d->base + REG_STATUS);
+	return true;
+}
+
 /* IDENTIFY (PACKET) DEVICE into identify_buf; false if nothing answers. */
 static bool identify(struct ide_drive *d)
 {
@@ -383,14 +396,7 @@ static bool identify(struct ide_drive *d)
 		uint8_t mid = inb(d->base + REG_LBA1), high = inb(d->base + REG_LBA2);
 		if (!((mid == 0x14 && high == 0xEB) || (mid == 0x69 && high == 0x96)))
 			return false;
-		d->atapi = true;
-		outb(d->base + REG_STATUS, CMD_IDENTIFY_PACKET);
-		delay400(d);
-		if (wait_ready(d, true, PROBE_TIMEOUT_MS))
-			return false;
-		insw(d->base + REG_DATA, identify_buf, 256);
-		(void)inb(d->base + REG_STATUS);
-		return true;
+		return identify_packet(d);
 	}
 	if (wait_ready(d, false, PROBE_TIMEOUT_MS) == -2)
 		return false;
@@ -409,10 +415,7 @@ static bool identify(struct ide_drive *d)
 		uint8_t mid = inb(d->base + REG_LBA1), high = inb(d->base + REG_LBA2);
 		if (!((mid == 0x14 && high == 0xEB) || (mid == 0x69 && high == 0x96)))
 			return false;
-		d->atapi = true;
-		outb(d->base + REG_STATUS, CMD_IDENTIFY_PACKET);
-		delay400(d);
-		rc = wait_ready(d, true, PROBE_TIMEOUT_MS);
+		return identify_packet(d);
 	}
 	if (rc)
 		return false;
