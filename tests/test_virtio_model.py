@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 
 import msgpack
 import pytest
@@ -210,11 +211,15 @@ class Driver:
         else:
             self.wr(MODERN, vpci.NOTIFY_OFF, 2, 0)
 
-    def run(self, limit: int = 100) -> int:
-        for n in range(1, limit + 1):
-            if not self.dev.work():
-                return n
-        raise AssertionError("work() never finished")
+    def run(self, limit_s: float = 5.0) -> int:
+        """work() until the device is idle (its ring-polling window, IDLE_POLL_NS, included)."""
+        deadline = time.monotonic() + limit_s
+        n = 1
+        while self.dev.work():
+            n += 1
+            if time.monotonic() > deadline:
+                raise AssertionError("work() never finished")
+        return n
 
     def submit(self, reqs: list[dict]) -> None:
         self.publish([r["head"] for r in reqs])
@@ -543,7 +548,7 @@ def test_hostile_chain(blk, mem, case):
     d.init_modern()
     d.publish(HOSTILE[case](d))
     d.kick()
-    d.run(limit=5)  # no exception escapes, and it ends
+    d.run()  # no exception escapes, and it ends
     assert d.used_idx() == 0
     assert_needs_reset_then_recovers(blk, d)
 
@@ -553,7 +558,7 @@ def test_avail_idx_jump(blk, mem):
     d.init_modern()
     d.set_avail_idx(QSIZE + 1)
     d.kick()
-    d.run(limit=5)
+    d.run()
     assert_needs_reset_then_recovers(blk, d)
 
 
@@ -698,7 +703,9 @@ def test_restore_refuses_a_used_ring_too_far_ahead(blk, mem, image_path, fds):
 
 def test_used_no_notify_while_polling_then_kicks_reenabled(blk, mem):
     """2.7.10: while the device polls the ring it tells the driver not to kick; a request
-    published then is served without one; when it stops polling it allows kicks again."""
+    published then is served without one; when its polling window ends it allows kicks again."""
+    now = [0]
+    blk.clock = lambda: now[0]
     d = Driver(blk, mem)
     d.init_modern()
     d.publish([d.request(VIRTIO_BLK_T_FLUSH)["head"]])
@@ -706,16 +713,15 @@ def test_used_no_notify_while_polling_then_kicks_reenabled(blk, mem):
     assert blk.work() is True
     used_flags = lambda: int.from_bytes(mem.read(d.used, 2), "little")  # noqa: E731
     assert used_flags() & 1  # VIRTQ_USED_F_NO_NOTIFY
-    blk.work()
+    assert blk.work() is True  # completed, and now polling
     assert len(d.new_used()) == 1
+    now[0] += vpci.IDLE_POLL_NS // 2
     late = d.request(VIRTIO_BLK_T_FLUSH)
     d.publish([late["head"]])  # no kick: the flag said so
-    for _ in range(vpci.IDLE_POLLS + 4):
-        if not blk.work():
-            break
+    for _ in range(4):
+        blk.work()
     assert [h for h, _ in d.new_used()] == [late["head"]]
-    rounds = 0
-    while blk.work():
-        rounds += 1
-        assert rounds <= vpci.IDLE_POLLS + 2
-    assert used_flags() & 1 == 0  # idle: kicks are wanted again
+    assert blk.work() is True and used_flags() & 1  # still inside the window
+    now[0] += 2 * vpci.IDLE_POLL_NS
+    assert blk.work() is False  # once the window has passed, the device goes idle
+    assert used_flags() & 1 == 0  # kicks are wanted again

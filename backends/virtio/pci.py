@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import time
+
 import cffi
 
 from backends.pci import CAPABILITIES_PTR, STATUS, STATUS_CAP_LIST, BarSpec, PciConfigHeader
@@ -58,7 +60,7 @@ NO_VECTOR = 0xFFFF  # 4.1.5.1.2: no MSI-X vector (we have no MSI-X capability)
 
 # Capability types (4.1.4) and where each structure lives in BAR4.
 CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE = 1, 2, 3, 4
-IDLE_POLLS = 8  # work() rounds a queue is polled after it ran dry, before kicks are re-enabled
+IDLE_POLL_NS = 200_000  # how long a queue that ran dry is polled before kicks are re-enabled
 MODERN_BAR, MODERN_BAR_SIZE = 4, 0x4000
 COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 NOTIFY_MULTIPLIER = 4
@@ -112,6 +114,7 @@ class VirtioPciFunction:
                  irq_line: int = 0) -> None:
         self.mem = mem
         self.irq = irq
+        self.clock: Callable[[], int] = time.monotonic_ns  # for the polling window; tests may replace it
         self.features = features | VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC
         self.queues = [Virtqueue(mem, queue_max) for _ in range(num_queues)]
         legacy_size = max(32, 1 << (LEGACY_CONFIG_OFF + len(self.config_bytes()) - 1).bit_length())
@@ -277,17 +280,19 @@ class VirtioPciFunction:
             try:
                 q.suppress_notifications(True)
                 q.kicked = self.process_queue(i)
+                now = self.clock()
                 if q.kicked:
-                    q.idle_polls = 0
-                elif q.idle_polls < IDLE_POLLS:
-                    # Poll the avail ring a few more rounds with kicks still suppressed: a
+                    q.idle_since = None
+                elif q.idle_since is None or now - q.idle_since < IDLE_POLL_NS:
+                    # Poll the avail ring a while longer with kicks still suppressed: a
                     # driver that refills as it reaps (qd > 1) then never traps to kick.
-                    q.idle_polls += 1
+                    # The window is time, not rounds: a round's cost varies.
+                    q.idle_since = now if q.idle_since is None else q.idle_since
                     q.kicked = True
                 else:
                     # Going idle: allow kicks again, then look once more, for a request
                     # the driver queued while it was told not to kick (2.7.10).
-                    q.idle_polls = 0
+                    q.idle_since = None
                     q.suppress_notifications(False)
                     self.mem.fence()  # the flag store must be seen before we load avail idx
                     q.kicked = q.pending() > 0

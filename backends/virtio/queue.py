@@ -65,7 +65,7 @@ class Virtqueue:
         self.desc_addr = self.avail_addr = self.used_addr = 0
         self.last_avail = 0  # next avail ring slot the device will read (free-running u16)
         self.used_idx = 0  # the used idx the device last wrote (free-running u16)
-        self.idle_polls = 0  # see VirtioPciFunction.work
+        self.idle_since: int | None = None  # see VirtioPciFunction.work
         self.in_flight: list[int] = []
         self.kicked = False
         self.broken = False
