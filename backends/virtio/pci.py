@@ -14,9 +14,8 @@ work() afterwards (a bounded chunk per call; True while more remains).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import time
+from collections.abc import Callable
 
 import cffi
 
