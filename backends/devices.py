@@ -9,6 +9,9 @@ COM1_BASE, COM1_IRQ = 0x3F8, 4
 COM2_BASE, COM2_IRQ = 0x2F8, 3
 IDE_PORTS = [(0x1F0, 8), (0x3F6, 1), (0x170, 8), (0x376, 1)]
 IDE_IRQS = [14, 15]
+# The ATA data registers: a `rep outsw` of a sector is 256 OUTs. Their writes are
+# coalesced (KVM_CAP_COALESCED_PIO, and the router) and reach ide0 as one string write.
+IDE_DATA_PORTS = [0x1F0, 0x170]
 PCI_INTX_LINES = (10, 11)  # where INTx of a slot is wired: 10 for even slots, 11 for odd, as the firmware reads
 
 
@@ -54,7 +57,8 @@ def testdev_spec(index: int, slot: int) -> DeviceSpec:
 
 def ide_spec(slot: int, drives: list[dict | None]) -> DeviceSpec:
     """The PIIX3 IDE function with its legacy ports; drives[i] = {fd, media, readonly, serial, model} or None."""
-    return DeviceSpec("ide0", "ide", list(IDE_PORTS), list(IDE_IRQS), slot << 3, {"drives": drives})
+    return DeviceSpec("ide0", "ide", list(IDE_PORTS), list(IDE_IRQS), slot << 3,
+                      {"drives": drives, "coalesced_ports": IDE_DATA_PORTS})
 
 
 def virtio_blk_spec(index: int, slot: int, drive: dict) -> DeviceSpec:

@@ -44,6 +44,7 @@ class Timing:
     size: int
     is_write: bool
     t_exit: int
+    count: int = 1
     t_post: int = 0
     t_backend: int = 0
     t_done: int = 0

@@ -132,7 +132,8 @@ class Supervisor:
         cfg.update(
             ram_fd=self.ram_fd, ram_size=self.ram_size, ncpus=self.ncpus, run_dir=str(self.run_dir),
             backends=[
-                {"name": b.name, "page_fd": b.page_fd, "ports": b.spec.ports, "pci_bdf": b.spec.pci_bdf}
+                {"name": b.name, "page_fd": b.page_fd, "ports": b.spec.ports, "pci_bdf": b.spec.pci_bdf,
+                 "coalesced_ports": b.spec.options.get("coalesced_ports", [])}
                 for b in self.backends.values()
             ],
         )

@@ -208,3 +208,25 @@ def test_kill_9_blk0_with_requests_in_flight_completes_each_once(tmp_path, run_d
     finally:
         vm.close()
     assert img.read_bytes() == pattern(0, size)
+
+
+@pytest.mark.parametrize("accel", accels())
+def test_string_io_reaches_ide0_as_one_access_per_sector(accel, disks, tmp_path):
+    """`rep insw`/`rep outsw` of a sector: one trapped access with count=256, not 256."""
+    a, _b, _c = disks
+    trace = tmp_path / "io.trace"
+    import subprocess as sp
+
+    from vmutil import ROOT, env, splitvm_cmd
+
+    r = sp.run(splitvm_cmd("-accel", accel, "-hda", str(a), "-trace", f"io={trace}", "-append",
+                           "ide pio; sha256sum hda 8192; dd if=hda of=hda bs=512 count=4 skip=8 seek=16; exit 0"),
+               stdin=sp.DEVNULL, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{sha(a, 8192)}  hda" in r.stdout.replace("\r\n", "\n")
+    data = [ln for ln in trace.read_text().splitlines() if "dev=ide0" in ln and "addr=0x1f0" in ln]
+    reads = [ln for ln in data if " pio r " in ln]
+    writes = [ln for ln in data if " pio w " in ln]
+    assert len(reads) >= 16 + 4 and all("size=2 count=256" in ln for ln in reads)
+    assert len(writes) == 4 and all("size=2 count=256" in ln for ln in writes)
+    assert a.read_bytes()[16 * 512 : 20 * 512] == a.read_bytes()[8 * 512 : 12 * 512]

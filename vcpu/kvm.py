@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
 import time
 
-from vcpu.accel import AccessRouter, GuestCrash, GuestExit
+from vcpu.accel import AccessRouter, GuestCrash, GuestExit, is_rep_string
 from vcpu.kvm_abi import (
     EXIT_NAMES,
     KVM_CREATE_VCPU,
@@ -38,6 +39,8 @@ CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_PG = 1, 2, 0x10, 0x20, 0x80000000
 CR4_PAE = 0x20
 EFER_LME, EFER_LMA = 0x100, 0x400
 RFLAGS_IOPL3 = 0x3000
+RFLAGS_DF = 0x400
+STRING_IO_MAX_BYTES = 4096  # what one sharing-page slot carries
 USER_CS, USER_DS = 0x33, 0x2B  # GDT slots 6 and 5, RPL 3
 TSS_ADDR = 0xFFFBD000  # three pages below 4 GiB that no BAR uses (Intel VMX needs them)
 
@@ -92,6 +95,11 @@ class KvmVm:
         self.mmap_size = ioctl(self.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0)
         self.cr3 = build_identity_map(mem)
         self.vcpus = [KvmVcpu(self, i) for i in range(ncpus)]
+        self.string_ports: set[int] = set()
+
+    def fast_string_io(self, ports: list[int]) -> None:
+        """Ports whose `rep ins`/`rep outs` the vCPU completes in one trapped access."""
+        self.string_ports = set(ports)
 
     def tsc_khz(self) -> int:
         try:
@@ -146,6 +154,7 @@ class KvmVcpu:
         buf = self.run_buf
         cpu = self.index
         fd = self.fd
+        vm = self.vm
         while not stop.is_set():
             try:
                 ioctl(fd, KVM_RUN, 0)
@@ -163,6 +172,8 @@ class KvmVcpu:
                     router.pio(cpu, io.port, size, True, bytes(buf[off : off + n]), count)
                 else:
                     buf[off : off + n] = router.pio(cpu, io.port, size, False, b"", count)
+                if count == 1 and io.port in vm.string_ports:
+                    self._rest_of_string(router, io.port, size, io.direction == KVM_EXIT_IO_OUT)
             elif reason == KVM_EXIT_MMIO:
                 m = run.mmio
                 if m.is_write:
@@ -174,6 +185,49 @@ class KvmVcpu:
             else:
                 name = EXIT_NAMES.get(reason, str(reason))
                 raise GuestCrash(f"vCPU {cpu}: KVM exit {name}: {self.registers()}")
+
+    def _rest_of_string(self, router: AccessRouter, port: int, size: int, out: bool) -> None:
+        """Finish a `rep insw`/`rep outsw` with one access to its owner instead of one exit
+        per element (KVM exits for every element here; the KVM document's "string I/O").
+
+        The exit just handled is the instruction's current element. immediate_exit makes
+        KVM complete it and return at once, so the registers are architectural again;
+        then the remaining RCX elements move between the device and guest memory at
+        RDI/RSI in one slot, and RCX/RDI/RSI are advanced as the CPU would have. Guest
+        virtual = physical (the vcpu's identity map; CPL 3 cannot change CR3).
+        """
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, KVM_GET_REGS, regs)
+        if regs.rflags & RFLAGS_DF or regs.rcx <= 1 or not self._is_rep_string(regs.rip, out):
+            return
+        self.run.immediate_exit = 1
+        try:
+            ioctl(self.fd, KVM_RUN, 0)
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                raise
+        finally:
+            self.run.immediate_exit = 0
+        ioctl(self.fd, KVM_GET_REGS, regs)
+        mem = self.vm.mem
+        n = min(regs.rcx, STRING_IO_MAX_BYTES // size)
+        addr = regs.rsi if out else regs.rdi
+        if n == 0 or addr + n * size > mem.size:
+            return  # let the CPU go on element by element (and fault, if it must)
+        if out:
+            router.pio(self.index, port, size, True, mem.read(addr, n * size), n)
+            regs.rsi += n * size
+        else:
+            mem.write(addr, router.pio(self.index, port, size, False, b"", n))
+            regs.rdi += n * size
+        regs.rcx -= n  # at 0, KVM finds `rep` with nothing left and moves past it
+        ioctl(self.fd, KVM_SET_REGS, regs)
+
+    def _is_rep_string(self, rip: int, out: bool) -> bool:
+        try:
+            return is_rep_string(self.vm.mem.read(rip, 4), out)
+        except ValueError:
+            return False
 
     def close(self) -> None:
         self.run_map.close()

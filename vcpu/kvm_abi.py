@@ -125,6 +125,7 @@ def _ior(nr: int, struct: str) -> int:
 
 
 KVM_GET_API_VERSION = _io(0x00)
+KVM_CHECK_EXTENSION = _io(0x03)
 KVM_CREATE_VM = _io(0x01)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_CREATE_VCPU = _io(0x41)

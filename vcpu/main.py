@@ -71,7 +71,8 @@ def build_router(cfg: dict, ctx: zmq.Context, irq: InterruptState, tsc_khz: int,
                        AdaptiveSpin())
             for i in range(ncpus)
         ]
-        backends.append(Backend(d["name"], page, clients, [tuple(p) for p in d["ports"]], d["pci_bdf"]))
+        backends.append(Backend(d["name"], page, clients, [tuple(p) for p in d["ports"]], d["pci_bdf"],
+                                coalesced_ports=list(d.get("coalesced_ports", []))))
         irq.add_shared_source(lambda p=page: p.ptr.irq_lines)
     boot = BootInfo(cfg["ram_size"], ncpus, tsc_khz, cfg["cmdline"].encode())
     return Router(PlatformPorts(boot, irq), backends, trace)
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from vcpu.kvm import KvmVm, run_vcpus
 
         vm = KvmVm(mem, cfg["ncpus"])
+        vm.fast_string_io([p for d in cfg["backends"] for p in d.get("coalesced_ports", [])])
         tsc_khz = vm.tsc_khz()
         router = build_router(cfg, ctx, irq, tsc_khz, trace)
         exits = lambda: sum(v.exits for v in vm.vcpus)  # noqa: E731
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         tsc_khz = 1_000_000
         router = build_router(cfg, ctx, irq, tsc_khz, trace)
         machine = TcgMachine(mem, cfg["ncpus"])
+        machine.fast_string_io([p for d in cfg["backends"] for p in d.get("coalesced_ports", [])])
         exits = lambda: machine.exits  # noqa: E731
         start = lambda: machine.run(entry, router)  # noqa: E731
     threading.Thread(target=_irq_thread, args=(ctx, Path(cfg["run_dir"]), irq), daemon=True).start()

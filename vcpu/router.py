@@ -24,6 +24,7 @@ PCI_CONFIG_ADDRESS = 0xCF8
 PCI_CONFIG_DATA = 0xCFC
 HOST_BRIDGE_BDF = 0x0000
 SAMPLES_KEPT = 20000
+SLOT_ELEMENTS_MAX = 4096  # bytes a slot carries (broker.layout.SLOT_DATA)
 
 
 def host_bridge() -> PciConfigHeader:
@@ -56,6 +57,7 @@ class Backend:
     clients: list[SlotClient]
     ports: list[tuple[int, int]]
     pci_bdf: int | None
+    coalesced_ports: list[int] = field(default_factory=list)
     bar_generation: int = -1
 
 
@@ -77,6 +79,11 @@ class Router:
         self.unowned = {"pio_read": 0, "pio_write": 0, "mmio_read": 0, "mmio_write": 0}
         self.trace = trace
         self.trace_lock = threading.Lock()
+        # Writes to these ports are buffered and sent as one string write just before the
+        # vCPU's next other access (which is when the device could first tell).
+        self.coalesced = {p: b for b in backends for p in b.coalesced_ports}
+        self.pending: dict[int, tuple] = {}  # cpu -> (backend, port, size, data, count, t_exit)
+        self.coalesced_writes = 0
         for b in backends:
             self._refresh_bars(b)
 
@@ -109,6 +116,10 @@ class Router:
     # -- the accelerator's entry points --------------------------------------------------
     def pio(self, cpu: int, port: int, size: int, is_write: bool, data: bytes, count: int) -> bytes:
         t_exit = now_ns()
+        if is_write and port in self.coalesced:
+            return self._coalesce(cpu, port, size, data, count, t_exit)
+        if cpu in self.pending:
+            self.flush(cpu)
         owner = self.ports.get(port)
         if owner is not None:
             return self._forward(owner, cpu, KIND_PIO, port, size, is_write, data, count, NO_BAR, t_exit)
@@ -127,6 +138,8 @@ class Router:
 
     def mmio(self, cpu: int, addr: int, size: int, is_write: bool, data: bytes) -> bytes:
         t_exit = now_ns()
+        if cpu in self.pending:
+            self.flush(cpu)
         for _ in range(2):
             for start, end, b, index in self.mem_bars:
                 if start <= addr < end:
@@ -135,6 +148,27 @@ class Router:
                 break
         self.unowned["mmio_write" if is_write else "mmio_read"] += 1
         return b"" if is_write else b"\xff" * size
+
+    # -- coalesced string writes ---------------------------------------------------------
+    def _coalesce(self, cpu: int, port: int, size: int, data: bytes, count: int, t_exit: int) -> bytes:
+        self.coalesced_writes += count
+        p = self.pending.get(cpu)
+        if p is not None and (p[1] != port or p[2] != size or p[4] + count > SLOT_ELEMENTS_MAX // size):
+            self.flush(cpu)
+            p = None
+        if p is None:
+            self.pending[cpu] = (self.coalesced[port], port, size, bytearray(data), count, t_exit)
+        else:
+            p[3].extend(data)
+            self.pending[cpu] = (p[0], port, size, p[3], p[4] + count, p[5])
+        return b""
+
+    def flush(self, cpu: int) -> None:
+        """Send this vCPU's buffered writes (one slot, with a count) before anything else."""
+        p = self.pending.pop(cpu, None)
+        if p is not None:
+            b, port, size, data, count, t_exit = p
+            self._forward(b, cpu, KIND_PIO, port, size, True, bytes(data), count, NO_BAR, t_exit)
 
     # -- owners ------------------------------------------------------------------------
     @staticmethod
@@ -175,7 +209,7 @@ class Router:
 
     def _forward(self, b: Backend, cpu: int, kind: int, addr: int, size: int, is_write: bool, data: bytes,
                  count: int, bar: int, t_exit: int) -> bytes:
-        timing = Timing(b.name, kind, addr, size, is_write, t_exit)
+        timing = Timing(b.name, kind, addr, size, is_write, t_exit, count)
         result = b.clients[cpu].access(kind, addr, size, is_write, data, count, bar, timing)
         timing.t_resume = now_ns()
         st = self.stats[b.name]
@@ -191,7 +225,8 @@ class Router:
 
         line = (
             f"{t.t_exit} cpu={cpu} dev={t.device} {KIND_NAMES[t.kind]} {'w' if t.is_write else 'r'} "
-            f"addr=0x{t.addr:x} size={t.size} exit={us(t.t_exit, t.t_post)} post={us(t.t_post, t.t_backend)} "
+            f"addr=0x{t.addr:x} size={t.size} count={t.count} "
+            f"exit={us(t.t_exit, t.t_post)} post={us(t.t_post, t.t_backend)} "
             f"backend={us(t.t_backend, t.t_done)} complete={us(t.t_done, t.t_seen)} "
             f"resume={us(t.t_seen, t.t_resume)} total={us(t.t_exit, t.t_resume)}\n"
         )

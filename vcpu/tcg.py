@@ -14,7 +14,7 @@ import threading
 import unicorn
 from unicorn import x86_const as x86
 
-from vcpu.accel import AccessRouter, GuestCrash, GuestExit
+from vcpu.accel import AccessRouter, GuestCrash, GuestExit, is_rep_string
 from vcpu.memory import STACK_PER_VCPU, STACK_TOP, GiB, GuestMemory, build_identity_map
 
 # Same control-register and segment values as vcpu/kvm.py.
@@ -82,6 +82,7 @@ class TcgVcpu:
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self.router: AccessRouter | None = None
         self.pending: BaseException | None = None  # raised in a hook, re-raised after emu_start
+        self.read_ahead: tuple[int, int, list[int]] | None = None  # (port, size, values) of a rep ins
         mem = machine.mem
         self.uc.mem_map_ptr(0, mem.size, unicorn.UC_PROT_ALL, mem.address())
         window = mmio_window(mem.size)
@@ -135,18 +136,43 @@ class TcgVcpu:
     def _pio_in(self, uc: unicorn.Uc, port: int, size: int, _ud: object) -> int:
         if self.pending is not None:
             return 0
+        ahead = self.read_ahead
+        if ahead is not None and ahead[0] == port and ahead[1] == size and ahead[2]:
+            return ahead[2].pop(0)
+        self.read_ahead = None
         self.machine.exits += 1
         try:
-            data = self.router.pio(self.index, port, size, False, b"", 1)
+            count = self._string_count(uc, port, size)
+            data = self.router.pio(self.index, port, size, False, b"", count)
         except BaseException as e:  # noqa: BLE001 - re-raised by run_loop
             self._fail(e)
             return 0
         self._check_stop()
-        return int.from_bytes(data[:size], "little")
+        values = [int.from_bytes(data[i : i + size], "little") for i in range(0, len(data), size)]
+        if len(values) > 1:
+            self.read_ahead = (port, size, values[1:])
+        return values[0]
+
+    def _string_count(self, uc: unicorn.Uc, port: int, size: int) -> int:
+        """For `rep insw` on a string port: how many elements to fetch in one access.
+
+        Read-ahead as KVM does it in the kernel: never more than RCX, the elements the
+        instruction is certain to read (no interrupt can cut it short at CPL 3)."""
+        if port not in self.machine.string_ports:
+            return 1
+        rcx = uc.reg_read(x86.UC_X86_REG_RCX)
+        if rcx <= 1 or uc.reg_read(x86.UC_X86_REG_EFLAGS) & 0x400:  # DF: backwards
+            return 1
+        try:
+            code = self.machine.mem.read(uc.reg_read(x86.UC_X86_REG_RIP), 4)
+        except ValueError:
+            return 1
+        return min(rcx, 4096 // size) if is_rep_string(code, out=False) else 1
 
     def _pio_out(self, uc: unicorn.Uc, port: int, size: int, value: int, _ud: object) -> None:
         if self.pending is not None:
             return
+        self.read_ahead = None
         self.machine.exits += 1
         try:
             self.router.pio(self.index, port, size, True, value.to_bytes(size, "little"), 1)
@@ -214,10 +240,15 @@ class TcgMachine:
         mem.write(GDT_GPA, b"".join(struct.pack("<Q", d) for d in GDT))
         mem.write(IRET_GPA, IRET_CODE)
         self.stop = threading.Event()
+        self.string_ports: set[int] = set()
         # A plain int bumped from several threads: the GIL makes += safe enough for a
         # statistic, as for KvmVcpu.exits.
         self.exits = 0
         self.vcpus = [TcgVcpu(self, i) for i in range(ncpus)]
+
+    def fast_string_io(self, ports: list[int]) -> None:
+        """Ports whose `rep ins` is fetched in one access (their writes the router coalesces)."""
+        self.string_ports = set(ports)
 
     def run(self, entry: int, router: AccessRouter) -> int:
         """Run every vCPU as a thread; return the guest's exit code (raise GuestCrash).
