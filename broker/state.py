@@ -13,6 +13,7 @@ head. A replayed request writes the same bytes at the same place.
 
 from __future__ import annotations
 
+import struct
 import time
 
 import msgpack
@@ -36,6 +37,7 @@ class StateStore:
         self.in_tail = cur.in_tail
         self.model_state = msgpack.unpackb(bytes(ffi.buffer(cur.model, cur.model_len))) if cur.model_len else None
         self.last_blob = bytes(ffi.buffer(cur.model, cur.model_len))
+        self.last_seq_packed = struct.pack(f"<{MAX_VCPUS}Q", *self.last_seq)
 
     def applied(self, slot: int, seq: int) -> bool:
         return self.last_seq[slot] == seq
@@ -74,8 +76,8 @@ class StateStore:
             raise StateTooLarge(f"model state {len(blob)} bytes > {STATE_MODEL_BYTES}")
         if slot is not None:
             self.last_seq[slot] = seq
-        for i in range(MAX_VCPUS):
-            nxt.last_seq[i] = self.last_seq[i]
+            self.last_seq_packed = struct.pack(f"<{MAX_VCPUS}Q", *self.last_seq)
+        ffi.memmove(nxt.last_seq, self.last_seq_packed, len(self.last_seq_packed))
         nxt.out_head = self.out_head
         nxt.in_tail = self.in_tail
         ffi.memmove(nxt.model, blob, len(blob))
