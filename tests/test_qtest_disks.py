@@ -123,7 +123,22 @@ def test_busmaster_dma_and_hostile_prd_tables(qtest, image, run_dir):
     assert row["state"] == "running" and row["restarts"] == 0
 
 
-def test_virtqueue_with_a_descriptor_loop_needs_reset(qtest, image, run_dir):
+HOSTILE_CHAINS = {
+    # descriptor 0 -> 1 -> 0: a loop
+    "loop": struct.pack("<QIHH", 0x200000, 16, 1, 1) + struct.pack("<QIHH", 0x200100, 16, 1, 0),
+    # a buffer far outside the 64 MiB of guest RAM
+    "outside-ram": struct.pack("<QIHH", 0xF0000000, 16, 1, 1) + struct.pack("<QIHH", 0x200100, 1, 2, 0),
+    # a 4 GiB length
+    "huge-length": struct.pack("<QIHH", 0x200000, 16, 1, 1) + struct.pack("<QIHH", 0x200100, 0xFFFFFFFF, 2, 0),
+    # address + length wrapping past 2^64
+    "wraps": struct.pack("<QIHH", 0xFFFFFFFFFFFFF000, 0x2000, 1, 1) + struct.pack("<QIHH", 0x200100, 1, 2, 0),
+    # next index beyond the queue size
+    "next-out-of-range": struct.pack("<QIHH", 0x200000, 16, 1, 200) + struct.pack("<QIHH", 0x200100, 1, 2, 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CHAINS))
+def test_hostile_virtqueue_needs_reset_and_the_backend_lives(qtest, image, run_dir, case):
     q = qtest("-drive", f"file={image},if=virtio", "-m", "64M")
     bar = 0xE0000000
     cfg_write(q, 0x20, bar)  # BAR4: the modern virtio structures
@@ -143,8 +158,8 @@ def test_virtqueue_with_a_descriptor_loop_needs_reset(qtest, image, run_dir):
         q.cmd(f"writel {common + off + 4:#x} 0")
     q.cmd(f"writew {common + 28:#x} 1")  # queue_enable
     q.cmd(f"writeb {common + 20:#x} 15")  # DRIVER_OK
-    # Descriptor 0 -> 1 -> 0: a loop.
-    q.write(desc, struct.pack("<QIHH", 0x200000, 16, 1, 1) + struct.pack("<QIHH", 0x200100, 16, 1, 0))
+    q.write(0x200000, struct.pack("<IIQ", 0, 0, 0))  # an IN request header, for the chains that get that far
+    q.write(desc, HOSTILE_CHAINS[case])
     q.write(avail, struct.pack("<HHH", 0, 1, 0))
     notify_off = int(q.cmd(f"readw {common + 30:#x}"), 16)
     q.cmd(f"writew {bar + 0x3000 + 4 * notify_off:#x} 0")  # kick
