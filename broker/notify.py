@@ -53,6 +53,10 @@ def push_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, 64)
+    # A peer that binds after we connect (a backend starting or restarting) is found
+    # within 5 ms, not ZeroMQ's default 100 ms: until then every wake-up waits for a
+    # sleep timeout.
+    s.setsockopt(zmq.RECONNECT_IVL, 5)
     s.connect(endpoint)
     return s
 
@@ -109,10 +113,16 @@ class AdaptiveSpin:
             self._observe(0)
             return True
         deadline = start + self.budget_ns
+        spins = 0
         while clock() < deadline:
             if done():
                 self._observe(clock() - start)
                 return True
+            spins += 1
+            if spins % 64 == 0:
+                # Two cores, two spinners: let ZeroMQ's I/O threads (which carry every
+                # doorbell and completion) run, or a wake-up waits for a scheduler tick.
+                os.sched_yield()
         return False
 
     def woke(self) -> None:
