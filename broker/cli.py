@@ -286,13 +286,22 @@ def stdin_input(sup: Supervisor, console: Console, data: bytes) -> bool:
             continue
         if console.to_monitor:
             if byte in (0x0A, 0x0D):
+                if console.tty_saved is not None:
+                    console.monitor_write("\n")
                 reply, q = handle_line(sup, console.line.decode(errors="replace"))
                 console.line = b""
                 if reply:
                     console.monitor_write(reply + "\n")
                 quit_requested = quit_requested or q
+            elif byte in (0x7F, 0x08):
+                if console.line:
+                    console.line = console.line[:-1]
+                    if console.tty_saved is not None:
+                        console.monitor_write("\b \b")
             else:
                 console.line += bytes((byte,))
+                if console.tty_saved is not None and 0x20 <= byte < 0x7F:
+                    console.monitor_write(chr(byte))  # the terminal is raw: echo what is typed
         elif console.m.serial == "stdio":
             out.append(byte)
     console.pending += bytes(out)
