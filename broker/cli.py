@@ -46,7 +46,7 @@ def resolve_accel(m: Machine) -> str:
         return "kvm"
     if m.accel == "kvm":
         raise RuntimeError(f"-accel kvm: {reason}")
-    print(f"splitvm: KVM unavailable ({reason}); using -accel tcg", file=sys.stderr)
+    print(f"splitvm: KVM unavailable: {reason}; using -accel tcg", file=sys.stderr)
     return "tcg"
 
 

@@ -214,3 +214,27 @@ def test_systemd_unit_runs_a_vm_the_way_it_says(tmp_path):
     assert "from-systemd" in r.stdout.decode() and r.returncode == 0
     assert not (tmp_path / "run").exists()
     assert "KillMode=control-group" in unit and "Restart=on-failure" in unit
+
+
+def test_missing_kvm_falls_back_to_tcg_with_one_line_or_errors_when_asked_for():
+    e = env()
+    e["SPLITVM_KVM_DEVICE"] = "/nonexistent/kvm"
+    r = subprocess.run(splitvm_cmd("-append", "exit 3"), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       cwd=ROOT, env=e, timeout=120)
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines() == [
+        "splitvm: KVM unavailable: /nonexistent/kvm does not exist (load the kvm module, or use -accel tcg); "
+        "using -accel tcg"]
+    r = subprocess.run(splitvm_cmd("-accel", "kvm"), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       cwd=ROOT, env=e, timeout=60)
+    assert r.returncode == 1 and "-accel kvm: /nonexistent/kvm does not exist" in r.stderr
+
+
+def test_missing_gcc_says_what_to_install(tmp_path):
+    e = env()
+    e["PATH"] = str(tmp_path)  # no gcc anywhere
+    e["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # no firmware built yet
+    r = subprocess.run(splitvm_cmd(), stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, env=e,
+                       timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "splitvm: gcc not found: apt-get install gcc"

@@ -32,7 +32,7 @@ from vcpu.kvm_abi import (
 )
 from vcpu.memory import STACK_PER_VCPU, STACK_TOP, GuestMemory, build_identity_map
 
-KVM_DEVICE = "/dev/kvm"
+KVM_DEVICE = os.environ.get("SPLITVM_KVM_DEVICE", "/dev/kvm")  # overridable to test the fallback
 
 # Long mode at CPL 3 (DESIGN.md "Facts"): CPL 0 code is emulated far too slowly here.
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_PG = 1, 2, 0x10, 0x20, 0x80000000
