@@ -81,6 +81,8 @@ class BackendHost:
         self.page.ptr.irq = spec.irqs[0] if spec.irqs else 0
         self._publish_bars()
         self.has_work = hasattr(self.device, "work")
+        self.input_room = getattr(self.device, "input_room", None)  # a console model takes input
+        self.work_stalled = False
 
     # -- effects the model asks for -------------------------------------------------
     def _tx(self, byte: int) -> None:
@@ -182,10 +184,9 @@ class BackendHost:
         return bytes(out)
 
     def pull_input(self) -> None:
-        room = getattr(self.device, "input_room", None)
-        if room is None or not self.store.input_available():
+        if self.input_room is None or not self.store.input_available():
             return
-        n = room()
+        n = self.input_room()
         if n:
             self.device.receive(self.store.take_input(n))
             self.store.publish(self.device.snapshot())
@@ -197,37 +198,36 @@ class BackendHost:
             return [0] if slots[0].state == SLOT_POSTED else []
         return [i for i in range(self.ncpus) if slots[i].state == SLOT_POSTED]
 
-    def do_work(self) -> bool:
-        """Work the model does outside any access (a DMA, a kicked virtqueue)."""
-        if not self.has_work:
-            return False
+    def do_work(self) -> None:
+        """One chunk of the work the model does outside any access (a DMA, a kicked queue)."""
         try:
-            more = self.device.work()
+            self.device.work()
         except Exception as e:  # noqa: BLE001 - a model bug must not take the backend down
             self.model_errors += 1
+            self.work_stalled = True  # not again until the guest's next access
             print(f"splitvm: {self.spec.name}: model error in work: {e!r}", file=sys.stderr)
-            more = False
         self.store.publish(self.device.snapshot())
         self._after_publish()
-        return more
+
+    def work_pending(self) -> bool:
+        return self.has_work and not self.work_stalled and self.device.work_pending()
 
     def run(self) -> None:
-        # After a restart: tell the vcpu the line levels the published state implies.
+        # After a restart: tell the vcpu the line levels the published state implies (a
+        # restored model re-arms its own work: an interrupted DMA, heads in flight).
         self._send_lines()
         page = self.page.ptr
-        # Work (a DMA, a kicked queue) is armed only by an access or by a restore, so
-        # the model's work() runs after each served slot until it says it is done.
-        more_work = self.has_work
         while True:
             served = self.posted()
             for i in served:
                 self.serve_slot(i)
-            self.pull_input()
             if served:
-                more_work = self.has_work
-            if more_work:
-                more_work = self.do_work()
-            if served or more_work:
+                self.work_stalled = False
+            self.pull_input()
+            if self.work_pending():
+                self.do_work()
+                continue
+            if served:
                 continue
             if self.spin.spin(lambda: bool(self.posted())):
                 continue
@@ -241,8 +241,7 @@ class BackendHost:
             self.spin.woke()
 
     def _input_waiting(self) -> bool:
-        room = getattr(self.device, "input_room", None)
-        return room is not None and self.store.input_available() > 0 and room() > 0
+        return self.input_room is not None and self.store.input_available() > 0 and self.input_room() > 0
 
 
 def main(argv: list[str] | None = None) -> int:

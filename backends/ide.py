@@ -845,12 +845,15 @@ class PiixIde:
             d.error = ABRT
             d.status = DRDY | DSC | ERR
 
+    def work_pending(self) -> bool:
+        return any(ch.dma_ready for ch in self.channels)
+
     def work(self) -> bool:
         """Run armed DMA in chunks of at most DMA_CHUNK bytes; True while more remains."""
         for ch in self.channels:
             if ch.dma_ready:
                 self._dma_step(ch)
-        return any(ch.dma_ready for ch in self.channels)
+        return self.work_pending()
 
     def _gather(self, ch: Channel, want: int) -> tuple[list[memoryview], int, int, int, bool] | None:
         """Guest RAM views for up to `want` bytes from the PRD table at the saved position.

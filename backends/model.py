@@ -29,9 +29,13 @@ class DeviceModel(Protocol):
         """An access to BAR `bar` at `offset` (MMIO, or I/O for an I/O BAR)."""
         ...
 
+    def work_pending(self) -> bool:
+        """Is there work that is not an answer to an access (a kicked virtqueue, an armed
+        DMA)? Cheap: the host asks after every access it serves."""
+        ...
+
     def work(self) -> bool:
-        """Work that is not an answer to an access (virtqueue processing after a kick,
-        a DMA transfer): do a bounded chunk; return True while more remains. The host
+        """Do a bounded chunk of that work; return True while more remains. The host
         publishes the model's state after each call."""
         ...
 

@@ -16,9 +16,9 @@ import zmq
 REPLY_TIMEOUT_MS = 10_000
 
 
-def running_vms() -> list[Path]:
-    """Run directories of live splitvm processes in the default places."""
-    out = []
+def running_vms() -> dict[int, Path]:
+    """pid -> run directory, for live splitvm processes in the default places."""
+    out = {}
     for base in {os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), tempfile.gettempdir()}:
         for d in Path(base).glob("splitvm-*"):
             try:
@@ -26,7 +26,7 @@ def running_vms() -> list[Path]:
                 os.kill(pid, 0)
             except (OSError, ValueError):
                 continue
-            out.append(d)
+            out[pid] = d
     return out
 
 
@@ -36,12 +36,8 @@ def resolve(target: str) -> Path:
         p = p / "monitor"
     if p.exists():
         return p
-    if target.isdigit():
-        for base in {os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), tempfile.gettempdir()}:
-            for d in Path(base).glob("splitvm-*"):
-                pid_file = d / "pid"
-                if pid_file.is_file() and pid_file.read_text().strip() == target:
-                    return d / "monitor"
+    if target.isdigit() and int(target) in (vms := running_vms()):
+        return vms[int(target)] / "monitor"
     raise FileNotFoundError(f"no splitvm monitor at {target!r} (give its run directory or pid)")
 
 
@@ -63,7 +59,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         vms = running_vms()
         if not argv and len(vms) == 1:
-            argv = [str(vms[0])]
+            argv = [str(*vms.values())]
         else:
             print("usage: splitvm monitor RUN_DIR|SOCKET|PID [COMMAND...]  (no target: the one running VM)",
                   file=sys.stderr)
@@ -71,7 +67,7 @@ def main(argv: list[str]) -> int:
     if not Path(argv[0]).exists() and not argv[0].isdigit():
         vms = running_vms()
         if len(vms) == 1:
-            argv = [str(vms[0]), *argv]  # `splitvm monitor info backends`: the one running VM
+            argv = [str(*vms.values()), *argv]  # `splitvm monitor info backends`: the one running VM
     try:
         path = resolve(argv[0])
     except FileNotFoundError as e:

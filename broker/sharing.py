@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import zmq
 
 from broker.layout import (
-    KIND_PIO,
     NO_BAR,
     SLOT_DONE,
     SLOT_FREE,
@@ -120,11 +119,3 @@ class SlotClient:
                     slot.state = SLOT_DONE
         slot.vcpu_asleep = 0
         drain(self.completion)
-
-
-def pio_read_all_ones(size: int, count: int = 1) -> bytes:
-    """What an unowned or failed port reads as (PCI master abort semantics)."""
-    return b"\xff" * (size * count)
-
-
-__all__ = ["SlotClient", "Timing", "pio_read_all_ones", "KIND_PIO"]

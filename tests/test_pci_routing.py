@@ -1,11 +1,10 @@
 """PCI BAR routing through a backend process: assignment, MMIO, I/O BARs, remap, INTx."""
 
-import json
 import time
 
 import pytest
 from conftest import accels
-from vmutil import VM, monitor
+from vmutil import VM, backend_row, monitor
 
 
 @pytest.mark.parametrize("accel", accels())
@@ -57,8 +56,7 @@ def test_intx_level_and_restart_keep_the_device_state(run_dir):
         vm.command("poke 0xe0000004 0x600d")
         monitor(run_dir, "backend kill testdev0")
         time.sleep(0.3)
-        row = [r for r in json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"]
-               if r["name"] == "testdev0"][0]
+        row = backend_row(run_dir, "testdev0")
         assert row["restarts"] == 1 and row["state"] == "running"
         assert vm.command("peek 0xe0000004") == "0x0000600d"  # registers outlived the process
         assert vm.command("in 0x508 l") == "0x00000800"  # and so did the line level

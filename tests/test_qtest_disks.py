@@ -1,13 +1,12 @@
 """ide0 and blk0 driven by a qtest script with no guest: the real backend processes, a
 script issuing the port, MMIO and RAM accesses, and hostile DMA tables and rings."""
 
-import json
 import os
 import struct
 import subprocess
 
 import pytest
-from vmutil import ROOT, env, monitor, splitvm_cmd
+from vmutil import ROOT, backend_row, env, splitvm_cmd
 
 from vcpu.qtest import QtestClient
 
@@ -46,11 +45,6 @@ def qtest(tmp_path, run_dir):
 def cfg_write(q, reg, value):
     q.outl(CF8, SLOT1 | reg)
     q.outl(CFC, value)
-
-
-def backend_row(run_dir, name):
-    rows = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"]
-    return next(r for r in rows if r["name"] == name)
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
 """The restart contract, first proof: the serial backend dies or stalls mid-stream, the guest loses nothing."""
 
-import json
 import time
 
 import pytest
 from conftest import accels
-from vmutil import VM, monitor
+from vmutil import VM, backend_row, monitor
 
 LINES = 20000
 
@@ -23,7 +22,7 @@ def stream_text(vm: VM) -> str:
 
 
 def served(run_dir) -> int:
-    return json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"][0]["served"]
+    return backend_row(run_dir)["served"]
 
 
 @pytest.mark.parametrize("accel", accels())
@@ -33,11 +32,11 @@ def test_kill_9_serial_mid_stream_loses_and_doubles_nothing(accel, run_dir):
         vm.wait_for("000100")
         pids = []
         for _ in range(3):
-            before = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"][0]
+            before = backend_row(run_dir)
             pids.append(before["pid"])
             assert "killed" in monitor(run_dir, "backend kill serial0")
             time.sleep(0.25)
-        after = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"][0]
+        after = backend_row(run_dir)
         assert after["restarts"] == 3
         assert after["pid"] not in pids
         assert vm.wait(180) == 5
@@ -72,7 +71,7 @@ def test_backend_that_keeps_dying_is_failed_and_reads_all_ones(run_dir):
         vm.wait_for("000050")
         state = None
         for _ in range(12):
-            row = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"][0]
+            row = backend_row(run_dir)
             state = row["state"]
             if state == "failed":
                 break
@@ -81,7 +80,7 @@ def test_backend_that_keeps_dying_is_failed_and_reads_all_ones(run_dir):
             time.sleep(0.15)
         assert state == "failed"
         time.sleep(0.5)
-        row = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"][0]
+        row = backend_row(run_dir)
         assert row["pid"] is None and row["timeouts"] > 0
         text = monitor(run_dir, "info backends")
         assert text.splitlines()[1].split()[3] == "failed"

@@ -133,6 +133,14 @@ class VM:
             assert not self.run_dir.exists(), "run directory left behind"
 
 
+def backend_row(run_dir: Path, name: str = "serial0") -> dict:
+    """One backend's row of `info backends`, through the monitor's JSON form."""
+    import json
+
+    rows = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"]
+    return next(r for r in rows if r["name"] == name)
+
+
 def monitor(run_dir: Path, command: str) -> str:
     r = subprocess.run(splitvm_cmd("monitor", str(run_dir), command), capture_output=True, text=True, cwd=ROOT,
                        env=env(), timeout=30)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 class InterruptState:
     def __init__(self) -> None:
-        self.sources: dict[tuple[str, int], bool] = {}
         self.cond = threading.Condition()
         self.raised = 0  # how many raise messages arrived (info irq)
         self.shared: list[Callable[[], int]] = []
@@ -23,13 +22,6 @@ class InterruptState:
     def add_shared_source(self, lines: Callable[[], int]) -> None:
         """A source whose asserted lines (a bitmask) are read from shared memory."""
         self.shared.append(lines)
-
-    def set_level(self, source: str, line: int, level: bool) -> None:
-        with self.cond:
-            self.sources[(source, line)] = level
-            if level:
-                self.raised += 1
-                self.cond.notify_all()
 
     def notify(self, level: bool) -> None:
         """A backend's message: its level is already in its sharing page; wake waiters."""
@@ -43,9 +35,6 @@ class InterruptState:
         mask = 0
         for lines in self.shared:
             mask |= lines()
-        for (_src, line), level in list(self.sources.items()):
-            if level and 0 <= line < 32:
-                mask |= 1 << line
         return mask
 
     def wait(self, timeout_s: float) -> int:

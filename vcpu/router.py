@@ -83,7 +83,6 @@ class Router:
         # vCPU's next other access (which is when the device could first tell).
         self.coalesced = {p: b for b in backends for p in b.coalesced_ports}
         self.pending: dict[int, tuple] = {}  # cpu -> (backend, port, size, data, count, t_exit)
-        self.coalesced_writes = 0
         for b in backends:
             self._refresh_bars(b)
 
@@ -151,7 +150,6 @@ class Router:
 
     # -- coalesced string writes ---------------------------------------------------------
     def _coalesce(self, cpu: int, port: int, size: int, data: bytes, count: int, t_exit: int) -> bytes:
-        self.coalesced_writes += count
         p = self.pending.get(cpu)
         if p is not None and (p[1] != port or p[2] != size or p[4] + count > SLOT_ELEMENTS_MAX // size):
             self.flush(cpu)

@@ -266,6 +266,10 @@ class VirtioPciFunction:
         if 0 <= index < len(self.queues):
             self.queues[index].kicked = True
 
+    def work_pending(self) -> bool:
+        """A kicked queue, heads in flight, or a ring still being polled."""
+        return self.running() and any(not q.broken and q.ready and (q.kicked or q.in_flight) for q in self.queues)
+
     def work(self) -> bool:
         """Run kicked queues, a bounded chunk each; raise the queue interrupt if any
         used entries were added and the driver did not suppress it (2.7.7)."""
