@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import accels
-from vmutil import VM, monitor
+from vmutil import VM, ask, monitor
 
 MiB = 1 << 20
 QEMU = shutil.which("qemu-system-x86_64")
@@ -145,11 +145,13 @@ def test_flushed_writes_survive_sigkill_of_the_whole_group(disks, run_dir):
     assert b.read_bytes()[: 2 * MiB] == a.read_bytes()[: 2 * MiB]
 
 
-def kill_repeatedly(run_dir, name: str, times: int, gap: float) -> int:
+def kill_repeatedly(vm, run_dir, name: str, times: int, gap: float, done: str) -> int:
+    """Kill `name` while the guest's transfer runs: count the kills that landed before the
+    guest printed `done` (a kill after it would prove nothing)."""
     killed = 0
     for _ in range(times):
         time.sleep(gap)
-        if "killed" in monitor(run_dir, f"backend kill {name}"):
+        if "killed" in ask(run_dir, f"backend kill {name}") and done not in vm.text:
             killed += 1
     return killed
 
@@ -164,7 +166,7 @@ def test_kill_9_ide0_mid_dma_write_loses_nothing(accel, tmp_path, run_dir):
         vm.wait_for("splitvm> ")
         vm.send("dd if=vda of=hda bs=65536")
         vm.wait_for("splitvm> dd if=vda of=hda bs=65536")
-        assert kill_repeatedly(run_dir, "ide0", 3, 0.3) >= 1
+        assert kill_repeatedly(vm, run_dir, "ide0", 3, 0.3, "records out") >= 1
         out = vm.command("sha256sum hda", timeout=300)
         assert out == f"{sha(src)}  hda"
         text = vm.text
@@ -178,27 +180,32 @@ def test_kill_9_ide0_mid_dma_write_loses_nothing(accel, tmp_path, run_dir):
     assert sha(dst) == sha(src)
 
 
+RAMP = bytes(range(256)) * 4
+
+
 def pattern(offset: int, length: int) -> bytes:
-    """The firmware's `bench disk ... write` pattern (vcpu/guest/blk_bench.c fill_pattern)."""
+    """The firmware's `bench disk ... write` pattern (vcpu/guest/blk_bench.c fill_pattern):
+    per 512-byte sector, "SPVMBNCH", its byte offset (8 bytes LE), then bytes
+    ((offset >> 9) + i) & 0xFF for i in 16..511."""
     out = bytearray()
     for off in range(offset, offset + length, 512):
-        sector = bytearray(b"SPVMBNCH" + off.to_bytes(8, "little"))
-        sector += bytes(((off >> 9) + i) & 0xFF for i in range(16, 512))
-        out += sector
+        start = ((off >> 9) + 16) & 0xFF
+        out += b"SPVMBNCH" + off.to_bytes(8, "little") + RAMP[start : start + 496]
     return bytes(out)
 
 
 def test_kill_9_blk0_with_requests_in_flight_completes_each_once(tmp_path, run_dir):
     img = tmp_path / "v.img"
-    size = 32 * MiB
-    img.write_bytes(bytes(size))
+    size = 128 * MiB  # long enough that every kill lands while requests are in flight
+    with open(img, "wb") as f:
+        f.truncate(size)
     vm = VM("-drive", f"file={img},if=virtio,format=raw", run_dir=run_dir)
     try:
         vm.wait_for("splitvm> ")
         cmd = f"bench disk vda write bs=65536 size={size} qd=16"
         vm.send(cmd)
         vm.wait_for(f"splitvm> {cmd}")
-        assert kill_repeatedly(run_dir, "blk0", 3, 0.25) >= 1
+        assert kill_repeatedly(vm, run_dir, "blk0", 3, 0.05, "mode=write") >= 1
         vm.wait_for("mode=write", timeout=300)
         text = vm.text
         assert "error" not in text.lower() and "timeout" not in text and "needs reset" not in text

@@ -4,7 +4,7 @@ import time
 
 import pytest
 from conftest import accels
-from vmutil import VM, backend_row, monitor
+from vmutil import VM, ask, backend_row, monitor
 
 LINES = 20000
 
@@ -34,7 +34,8 @@ def test_kill_9_serial_mid_stream_loses_and_doubles_nothing(accel, run_dir):
         for _ in range(3):
             before = backend_row(run_dir)
             pids.append(before["pid"])
-            assert "killed" in monitor(run_dir, "backend kill serial0")
+            assert "killed" in ask(run_dir, "backend kill serial0")
+            assert f"{LINES - 1:06d}" not in vm.text  # the kill landed mid-stream
             time.sleep(0.25)
         after = backend_row(run_dir)
         assert after["restarts"] == 3
@@ -50,6 +51,7 @@ def test_stalled_backend_stop_and_cont(run_dir):
     try:
         vm.wait_for("000100")
         assert monitor(run_dir, "backend stop serial0").strip() == "serial0: stopped"
+        assert f"{LINES - 1:06d}" not in vm.text  # stalled mid-stream
         time.sleep(0.3)
         frozen = served(run_dir)
         length = len(vm.text)
@@ -76,7 +78,7 @@ def test_backend_that_keeps_dying_is_failed_and_reads_all_ones(run_dir):
             if state == "failed":
                 break
             if row["pid"] is not None:
-                monitor(run_dir, "backend kill serial0")
+                ask(run_dir, "backend kill serial0")
             time.sleep(0.15)
         assert state == "failed"
         time.sleep(0.5)

@@ -137,8 +137,16 @@ def backend_row(run_dir: Path, name: str = "serial0") -> dict:
     """One backend's row of `info backends`, through the monitor's JSON form."""
     import json
 
-    rows = json.loads(monitor(run_dir, '{"execute": "info backends"}'))["return"]
+    rows = json.loads(ask(run_dir, '{"execute": "info backends"}'))["return"]
     return next(r for r in rows if r["name"] == name)
+
+
+def ask(run_dir: Path, command: str) -> str:
+    """The monitor without starting a process (the `splitvm monitor` CLI takes ~0.5 s to
+    start): for tests whose timing matters, such as killing a backend mid-transfer."""
+    from broker.monitor_client import ask as monitor_ask
+
+    return monitor_ask(run_dir / "monitor", command)
 
 
 def monitor(run_dir: Path, command: str) -> str:
