@@ -103,12 +103,12 @@ static uint32_t calibrate_tsc_khz(void)
 	return (uint32_t)((t1 - t0) / 10);
 }
 
+/* Asked once: on splitvm each ask is two trapped port accesses (~50 us), and
+ * drivers take a deadline for every request they wait on. */
 uint32_t platform_tsc_khz(void)
 {
-	if (on_splitvm)
-		return spvm_info(SPVM_INFO_TSC_KHZ);
 	if (!tsc_khz_cache)
-		tsc_khz_cache = calibrate_tsc_khz();
+		tsc_khz_cache = on_splitvm ? spvm_info(SPVM_INFO_TSC_KHZ) : calibrate_tsc_khz();
 	return tsc_khz_cache;
 }
 
