@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.layout import MAX_VCPUS
+from vcpu.platform import CMDLINE_MAX
 
 MiB = 1 << 20
 MIN_RAM = 2 * MiB
@@ -143,6 +144,8 @@ def _apply(m: Machine, opt: str, value: object, key: str | None = None) -> None:
         m.kernel = p
     elif key == "append":
         m.append = str(value)
+        if len(m.append.encode()) >= CMDLINE_MAX:  # the firmware would cut it short, silently
+            raise UsageError(f"{opt}: {len(m.append.encode())} bytes; the firmware takes at most {CMDLINE_MAX - 1}")
     elif key == "monitor":
         m.monitor = parse_monitor(opt, value)
     elif key == "serial":

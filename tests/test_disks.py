@@ -237,3 +237,29 @@ def test_string_io_reaches_ide0_as_one_access_per_sector(accel, disks, tmp_path)
     assert len(reads) >= 16 + 4 and all("size=2 count=256" in ln for ln in reads)
     assert len(writes) == 4 and all("size=2 count=256" in ln for ln in writes)
     assert a.read_bytes()[16 * 512 : 20 * 512] == a.read_bytes()[8 * 512 : 12 * 512]
+
+
+def vcpu_exits(run_dir) -> int:
+    line = next(ln for ln in ask(run_dir, "info exits").splitlines() if ln.startswith("vcpu exits:"))
+    return int(line.split(":")[1])
+
+
+@pytest.mark.parametrize("accel", accels())
+def test_virtio_blk_requests_cost_no_exit(accel, disks, run_dir):
+    """Paravirtual I/O: while blk0 polls its ring, a request is memory traffic only. 1008
+    more requests add almost no vcpu exits (each used to cost two, for a timeout's TSC rate)."""
+    a, _b, _c = disks
+    vm = VM("-accel", accel, "-drive", f"file={a},if=virtio,format=raw", run_dir=run_dir)
+    try:
+        vm.wait_for("splitvm> ")
+        cost = []
+        for count in (16, 1024):
+            before = vcpu_exits(run_dir)
+            assert vm.command(f"dd if=vda of=vda bs=4096 count={count} seek=0") == \
+                f"{count}+0 records in\n{count}+0 records out"
+            cost.append(vcpu_exits(run_dir) - before)
+        assert cost[1] - cost[0] < 100, cost
+        vm.send("exit 0")
+        assert vm.wait() == 0
+    finally:
+        vm.close()

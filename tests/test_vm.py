@@ -43,6 +43,19 @@ def test_append_runs_commands_before_the_prompt():
     assert r.returncode == 0
 
 
+def test_append_up_to_the_firmware_limit_runs_whole():
+    """A command line the firmware's buffer just holds runs to its last command."""
+    filler = "echo " + "y" * 90 + ";"
+    cmdline = filler * 42 + "echo last;exit 5"
+    cmdline = "echo " + "z" * (4095 - len(cmdline) - 6) + ";" + cmdline
+    assert len(cmdline) == 4095
+    r = subprocess.run(splitvm_cmd("-append", cmdline), input=b"", capture_output=True, cwd=ROOT, env=env(),
+                       timeout=120)
+    text = r.stdout.decode().replace("\r\n", "\n")
+    assert "splitvm> echo last\nlast\n" in text and "cut" not in text
+    assert r.returncode == 5, r.stderr
+
+
 def test_smp_secondary_vcpus_park_and_info_counts_them():
     r = subprocess.run(splitvm_cmd("-smp", "2", "-append", "info;exit 3"), input=b"", capture_output=True,
                        cwd=ROOT, env=env(), timeout=120)
@@ -77,6 +90,7 @@ def test_user_kernel_elf(tmp_path):
         (["-serial", "tcp:1.2.3.4"], "-serial: unsupported serial backend"),
         (["-trace", "disk"], "-trace: only the 'io' trace exists"),
         (["--config", "/nonexistent.toml"], "--config: /nonexistent.toml: no such file"),
+        (["-append", "x" * 4096], "-append: 4096 bytes; the firmware takes at most 4095"),
     ],
 )
 def test_bad_options_name_themselves_and_exit_2(args, needle, tmp_path):

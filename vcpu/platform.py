@@ -20,6 +20,7 @@ PORT_SIGNATURE, PORT_EXIT, PORT_WAIT, PORT_INFO_SELECT, PORT_INFO_DATA, PORT_CMD
 )
 INFO_RAM_LO, INFO_RAM_HI, INFO_NCPUS, INFO_TSC_KHZ, INFO_CMDLINE_LEN = range(5)
 MAX_WAIT_US = 1_000_000
+CMDLINE_MAX = 4096  # the firmware's command-line buffer, NUL included (vcpu/guest/main.c)
 
 
 @dataclass

@@ -14,7 +14,7 @@
 
 #define PROMPT "splitvm> "
 #define LINE_MAX 256
-#define CMDLINE_MAX 1024
+#define CMDLINE_MAX 4096 /* vcpu/platform.py CMDLINE_MAX: the broker refuses longer */
 #define MAX_ARGS 16
 
 void fw_main(uint64_t cpu_index, uint64_t mb_info);

@@ -115,6 +115,7 @@ uint32_t platform_tsc_khz(void)
 size_t platform_cmdline(char *buf, size_t size)
 {
 	size_t n = 0;
+	bool cut = false;
 
 	if (size == 0)
 		return 0;
@@ -124,6 +125,8 @@ size_t platform_cmdline(char *buf, size_t size)
 			char c = (char)inb(SPVM_PORT_CMDLINE);
 			if (n + 1 < size)
 				buf[n++] = c;
+			else
+				cut = true;
 		}
 	} else if (mbi && (mbi->flags & MB_INFO_CMDLINE) && mbi->cmdline) {
 		/* QEMU passes "KERNEL-FILE ARGS": drop the file name. */
@@ -134,8 +137,11 @@ size_t platform_cmdline(char *buf, size_t size)
 			s++;
 		while (*s && n + 1 < size)
 			buf[n++] = *s++;
+		cut = *s != '\0';
 	}
 	buf[n] = '\0';
+	if (cut)
+		kprintf("command line cut to its first %lu bytes\n", (unsigned long)n);
 	return n;
 }
 
