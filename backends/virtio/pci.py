@@ -299,6 +299,11 @@ class VirtioPciFunction:
                     q.suppress_notifications(False)
                     self.mem.fence()  # the flag store must be seen before we load avail idx
                     q.kicked = q.pending() > 0
+                if q.used_idx != before:
+                    # The used idx store must be seen before we load the driver's flag, or a
+                    # driver that enabled interrupts just then and saw no completion sleeps
+                    # with no interrupt coming (2.7.7).
+                    self.mem.fence()
                 if q.used_idx != before and q.wants_interrupt():
                     self.isr |= ISR_QUEUE
             except (VirtqueueError, GuestMemoryError) as e:

@@ -51,16 +51,6 @@ bool blk_expired(uint64_t deadline)
 	return (int64_t)(rdtsc() - deadline) > 0;
 }
 
-void blk_poll_pause(unsigned *spins)
-{
-	/* Spin briefly for low latency, then let splitvm park the vCPU until
-	 * an IRQ line rises or 50 us pass (device threads get the host CPU). */
-	if (++*spins > 20000 && platform_is_splitvm())
-		platform_wait_irq(50);
-	else
-		cpu_relax();
-}
-
 int blk_read_bytes(struct blkdev *d, uint64_t off, uint32_t len, void *buf)
 {
 	return d->ops->rw(d, false, off / d->sector_size, len / d->sector_size, buf);

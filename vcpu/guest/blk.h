@@ -48,9 +48,6 @@ void blk_init(void);
 /* Bounded waits: a TSC deadline `ms` milliseconds from now. */
 uint64_t blk_deadline(uint32_t ms);
 bool blk_expired(uint64_t deadline);
-/* Called in memory-polling loops: on splitvm, after a short spin, sleep in
- * the VMM until an IRQ line rises (or a few microseconds pass). */
-void blk_poll_pause(unsigned *spins);
 
 /* Shell commands. */
 void cmd_lsblk(int argc, char **argv);

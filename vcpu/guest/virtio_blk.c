@@ -11,11 +11,14 @@
 #include "io.h"
 #include "lib.h"
 #include "pci.h"
+#include "platform.h"
 
 #define MAX_DEVS 4
 #define QSIZE_MAX 256
 #define SLOTS BLK_MAX_QD
 #define TIMEOUT_MS 5000
+#define SPIN_US 300 /* poll the used ring this long before sleeping */
+#define SLEEP_US 1000 /* a sleep ends sooner on the device's interrupt */
 
 /* PCI capability types (4.1.4). */
 #define CAP_COMMON 1
@@ -186,12 +189,31 @@ static int vblk_submit_req(struct vblk *v, uint32_t type, uint64_t lba, uint32_t
 	return 0;
 }
 
+/* Nothing came during a spin of SPIN_US: sleep until the device interrupts. Enable
+ * used-buffer notifications, then look at the used ring again before sleeping: a
+ * completion made before the device could see the flag is found here, one made after
+ * raises INTx (2.7.7, 2.7.10).  The ISR read that lowers the line (4.1.4.5) is a trap
+ * to the device, so it is made only when something completed while interrupts were
+ * on; a device that is stalled (stopped, restarting) is not waited for twice. */
+static void vblk_sleep(struct vblk *v)
+{
+	v->avail->flags = 0;
+	mb();
+	if (v->used->idx == v->used_seen)
+		platform_wait_irq(SLEEP_US);
+	v->avail->flags = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT again: we poll */
+	mb(); /* the flag before the used idx: a later completion sees it, or we see it */
+	if (v->used->idx != v->used_seen)
+		(void)r8(v->isr, 0);
+}
+
 /* Wait for one completion: its slot and virtio status (0 = OK). */
 static int vblk_reap(struct blkdev *b, unsigned *tag, int *status)
 {
 	struct vblk *v = b->priv;
 	uint64_t dl = blk_deadline(TIMEOUT_MS);
-	unsigned spins = 0, checks = 0;
+	uint64_t spin_end = rdtsc() + (uint64_t)platform_tsc_khz() * SPIN_US / 1000;
+	unsigned checks = 0;
 
 	while (v->used->idx == v->used_seen) {
 		/* Status is MMIO (a trap on splitvm): check it only now and then. */
@@ -202,7 +224,12 @@ static int vblk_reap(struct blkdev *b, unsigned *tag, int *status)
 			check_status(v);
 			return -1;
 		}
-		blk_poll_pause(&spins);
+		if (platform_is_splitvm() && blk_expired(spin_end)) {
+			vblk_sleep(v);
+			spin_end = rdtsc() + (uint64_t)platform_tsc_khz() * SPIN_US / 1000;
+		} else {
+			cpu_relax();
+		}
 	}
 	mb();
 	uint32_t id = v->used->ring[v->used_seen % v->qsize].id;
