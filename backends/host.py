@@ -89,7 +89,7 @@ class BackendHost:
         self.store.stage_output(bytes((byte,)))
 
     def _open_image(self, drive: dict) -> BlockImage:
-        return BlockImage(drive["fd"], drive["readonly"], drive.get("sector_size", 512))
+        return BlockImage(drive["fd"], drive["readonly"], drive["sector_size"], drive["cache"])
 
     def _set_line(self, line: int, level: bool) -> None:
         if self.lines.get(line) != level:

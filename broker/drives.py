@@ -1,7 +1,8 @@
 """-drive and its shorthands (-hda..-hdd, -cdrom), checked and opened before the guest starts.
 
 QEMU's spelling: -drive file=PATH[,if=ide|virtio][,index=N][,media=disk|cdrom]
-[,format=raw][,readonly=on][,cache=writeback|none][,serial=S][,id=ID].
+[,format=raw][,readonly=on][,cache=writeback|none|writethrough|directsync|unsafe][,serial=S][,id=ID]
+(cache= as QEMU means it: see backends/block.py).
 Images are opened and locked here, by the broker, which holds them for the VM's life
 and hands the descriptors to the backends: a backend's death never drops a lock.
 Locks follow QEMU's rule: one writer, or any number of readers (flock, on the whole file).
@@ -9,11 +10,14 @@ Locks follow QEMU's rule: one writer, or any number of readers (flock, on the wh
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from backends.block import CACHE_MODES, DIRECT_MODES
 from broker.options import UsageError
 
 IDE_MAX = 4
@@ -37,13 +41,18 @@ class Drive:
     opt: str = "-drive"
     fd: int = -1
 
+    def default_serial(self) -> str:
+        """Ten digits from the image's path: the same disk shows the same serial every boot."""
+        digest = hashlib.sha256(str(self.file.resolve()).encode()).digest()
+        return f"{int.from_bytes(digest[:8], 'little') % 10**10:010d}"
+
     def as_backend_option(self) -> dict:
         name = self.file.name
         return {
             "fd": self.fd, "media": self.media, "readonly": self.readonly,
-            "serial": self.serial or f"SV{abs(hash(str(self.file.resolve()))) % 10**10:010d}",
+            "serial": self.serial or f"SV{self.default_serial()}",
             "model": f"SPLITVM {'DVD-ROM' if self.media == 'cdrom' else 'HARDDISK'}",
-            "sector_size": CD_SECTOR if self.media == "cdrom" else DISK_SECTOR, "file": name,
+            "sector_size": CD_SECTOR if self.media == "cdrom" else DISK_SECTOR, "file": name, "cache": self.cache,
         }
 
 
@@ -84,8 +93,8 @@ def parse_drive(opt: str, text: str) -> Drive:
         raise UsageError(f"{opt}: readonly={ro} (on or off)")
     d.readonly = BOOLS[ro] or d.media == "cdrom"
     d.cache = props.get("cache", "writeback")
-    if d.cache not in ("writeback", "none", "writethrough", "directsync", "unsafe"):
-        raise UsageError(f"{opt}: cache={d.cache} (writeback or none)")
+    if d.cache not in CACHE_MODES:
+        raise UsageError(f"{opt}: cache={d.cache} (one of {', '.join(CACHE_MODES)})")
     d.serial = props.get("serial", "")
     if len(d.serial) > 20 or not all(32 < ord(c) < 127 for c in d.serial):
         raise UsageError(f"{opt}: serial= is at most 20 printable characters")
@@ -131,6 +140,8 @@ def check_image(d: Drive) -> None:
         raise UsageError(f"{d.opt}: {d.file}: {size} bytes is too small for a {d.media} (at least {sector})")
     with open(d.file, "rb") as f:
         head = f.read(4)
+        if d.cache in DIRECT_MODES:  # leave nothing of the image in the page cache (readahead)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if head in (QCOW_MAGIC, VMDK_MAGIC):
         raise UsageError(f"{d.opt}: {d.file} is a {'qcow2' if head == QCOW_MAGIC else 'vmdk'} image, not raw: "
                          f"convert with  qemu-img convert -O raw {d.file} {d.file.with_suffix('.raw')}")
@@ -139,11 +150,17 @@ def check_image(d: Drive) -> None:
 def open_drive(d: Drive) -> int:
     """Open and lock the image; the broker keeps the descriptor for the VM's life."""
     flags = (os.O_RDONLY if d.readonly else os.O_RDWR) | os.O_CLOEXEC
-    if d.cache in ("none", "directsync", "writethrough"):
-        # Write-through: every completed write is on stable storage. (O_DIRECT would need
-        # every guest buffer 512-aligned, which a guest does not promise.)
-        flags |= os.O_DSYNC if not d.readonly else 0
-    fd = os.open(d.file, flags)
+    if d.cache in DIRECT_MODES:
+        flags |= os.O_DIRECT  # backends/block.py: what this means and how misaligned requests go
+    if d.cache in ("writethrough", "directsync") and not d.readonly:
+        flags |= os.O_DSYNC  # every completed write is on stable storage
+    try:
+        fd = os.open(d.file, flags)
+    except OSError as e:
+        if e.errno == errno.EINVAL and flags & os.O_DIRECT:
+            raise UsageError(f"{d.opt}: {d.file}: this file system does not support O_DIRECT (cache={d.cache}); "
+                             f"use cache=writeback or cache=writethrough") from None
+        raise UsageError(f"{d.opt}: {d.file}: {e.strerror}") from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if d.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -298,3 +298,33 @@ def test_virtio_blk_driver_sleeps_until_the_interrupt_when_blk0_stalls(tmp_path,
     finally:
         vm.close()
     assert img.read_bytes()[size - 512 :] == pattern(size - 512, 512)
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_cache_none_keeps_the_image_out_of_the_host_page_cache(cache, tmp_path, run_dir):
+    """cache=none as QEMU means it: O_DIRECT, so the guest reading its whole disk (through
+    virtio-blk and IDE DMA) leaves none of the image in the host's page cache; IDE PIO's
+    staged sectors fall back to buffered I/O and still read right."""
+    from test_block import cached_pages, evict
+
+    v, h = tmp_path / "v.img", tmp_path / "h.img"
+    v.write_bytes(os.urandom(4 * MiB))
+    h.write_bytes(os.urandom(4 * MiB))
+    want_v, want_h, want_h64k = sha(v), sha(h), sha(h, 65536)  # the host's reads go first
+    evict(v)
+    evict(h)
+    vm = VM("-drive", f"file={v},if=virtio,format=raw,cache={cache}",
+            "-drive", f"file={h},if=ide,format=raw,cache={cache}", run_dir=run_dir)
+    try:
+        vm.wait_for("splitvm> ")
+        assert vm.command("sha256sum vda") == f"{want_v}  vda"
+        assert vm.command("sha256sum hda") == f"{want_h}  hda"
+        assert vm.command("dd if=vda of=hda bs=65536 count=16 seek=32") == "16+0 records in\n16+0 records out"
+        assert (cached_pages(v), cached_pages(h)) == ((0, 0) if cache == "none" else (1024, 1024))
+        assert vm.command("ide pio") == ""
+        assert vm.command("sha256sum hda 65536") == f"{want_h64k}  hda"
+        vm.send("exit 0")
+        assert vm.wait() == 0
+    finally:
+        vm.close()
+    assert h.read_bytes()[2 * MiB : 3 * MiB] == v.read_bytes()[: MiB]

@@ -78,6 +78,8 @@ def test_bad_properties(img):
     check_refused(run("-drive", f"file={img},readonly=maybe"), "readonly=maybe")
     check_refused(run("-drive", "if=ide"), "needs file=PATH")
     check_refused(run("-drive", f"file={img},if=virtio,media=cdrom"), "media=cdrom needs if=ide")
+    check_refused(run("-drive", f"file={img},cache=direct"),
+                  "cache=direct (one of writeback, none, writethrough, directsync, unsafe)")
 
 
 def test_refusal_leaves_nothing_behind(tmp_path, img):
@@ -85,3 +87,15 @@ def test_refusal_leaves_nothing_behind(tmp_path, img):
     r = run("-run-dir", str(rd), "-hda", str(img), "-hdb", str(img))
     check_refused(r, "one writer per image")
     assert not rd.exists() and not processes_mentioning(str(rd))
+
+
+def test_default_serial_is_the_same_every_boot(img):
+    """A disk's serial (IDENTIFY words 10-19, virtio GET_ID) must not change between boots:
+    guests name disks by it (/dev/disk/by-id). Python's hash() differs per process."""
+    import sys
+
+    code = ("from pathlib import Path; from broker.drives import Drive; "
+            f"print(Drive(Path({str(img)!r})).as_backend_option()['serial'])")
+    serials = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                              env={**env(), "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(serials) == 1 and len(serials.pop()) == 12
