@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import accels
-from vmutil import VM, ask, monitor
+from vmutil import VM, ask, backend_row, monitor
 
 MiB = 1 << 20
 QEMU = shutil.which("qemu-system-x86_64")
@@ -248,7 +248,9 @@ def vcpu_exits(run_dir) -> int:
 @pytest.mark.parametrize("accel", accels())
 def test_virtio_blk_requests_cost_no_exit(accel, disks, run_dir):
     """Paravirtual I/O: while blk0 polls its ring, a request is memory traffic only. 1008
-    more requests add almost no vcpu exits (each used to cost two, for a timeout's TSC rate)."""
+    more requests add few vcpu exits (each used to cost two, to learn the TSC rate for its
+    timeout). Few, not none: on a loaded host a request may outlast the driver's 300 µs
+    spin, and the driver then sleeps in the VMM (an exit) until blk0 interrupts."""
     a, _b, _c = disks
     vm = VM("-accel", accel, "-drive", f"file={a},if=virtio,format=raw", run_dir=run_dir)
     try:
@@ -259,7 +261,7 @@ def test_virtio_blk_requests_cost_no_exit(accel, disks, run_dir):
             assert vm.command(f"dd if=vda of=vda bs=4096 count={count} seek=0") == \
                 f"{count}+0 records in\n{count}+0 records out"
             cost.append(vcpu_exits(run_dir) - before)
-        assert cost[1] - cost[0] < 100, cost
+        assert cost[1] - cost[0] < 1008 // 2, cost
         vm.send("exit 0")
         assert vm.wait() == 0
     finally:
@@ -273,7 +275,8 @@ def irqs_raised(run_dir) -> int:
 def test_virtio_blk_driver_sleeps_until_the_interrupt_when_blk0_stalls(tmp_path, run_dir):
     """The firmware polls the used ring with interrupts off, then (after 300 µs) turns them
     on and sleeps in the VMM: a device that stalls (stopped) and comes back wakes it by
-    INTx, and the transfer ends without an error."""
+    INTx, and the transfer ends without an error. A `cont` that lands while the driver is
+    between sleeps (polling, interrupts off) rightly raises nothing, so stall again."""
     img = tmp_path / "v.img"
     size = 128 * MiB
     with open(img, "wb") as f:
@@ -281,16 +284,27 @@ def test_virtio_blk_driver_sleeps_until_the_interrupt_when_blk0_stalls(tmp_path,
     vm = VM("-drive", f"file={img},if=virtio,format=raw", run_dir=run_dir)
     try:
         vm.wait_for("splitvm> ")
-        cmd = f"bench disk vda write bs=65536 size={size} qd=16"
+        cmd = f"bench disk vda write bs=4096 size={size} qd=1"  # 32768 requests: long enough to stall 20 times
         vm.send(cmd)
         vm.wait_for(f"splitvm> {cmd}")
-        raised = irqs_raised(run_dir)
-        assert "stopped" in ask(run_dir, "backend stop blk0")
-        assert "mode=write" not in vm.text  # it stopped in the middle of the transfer
-        time.sleep(0.3)
-        assert "continued" in ask(run_dir, "backend cont blk0")
+        woken = 0
+        for _ in range(20):
+            raised = irqs_raised(run_dir)
+            assert "stopped" in ask(run_dir, "backend stop blk0")
+            if "mode=write" in vm.text:
+                break  # the transfer ended before this stall
+            time.sleep(0.05)
+            assert "continued" in ask(run_dir, "backend cont blk0")
+            time.sleep(0.005)
+            woken += irqs_raised(run_dir) > raised
+            if woken >= 2:
+                break
+        else:
+            pytest.fail("the transfer outlived 20 stalls")
+        if "stopped" in backend_row(run_dir, "blk0")["state"]:
+            ask(run_dir, "backend cont blk0")
+        assert woken >= 2
         vm.wait_for("mode=write", timeout=300)
-        assert irqs_raised(run_dir) > raised
         text = vm.text
         assert "error" not in text.lower() and "timeout" not in text and "needs reset" not in text
         vm.send("exit 0")

@@ -13,6 +13,7 @@
 #include "blk.h"
 #include "io.h"
 #include "lib.h"
+#include "platform.h"
 #include "pci.h"
 
 /* Command block offsets (ATA-8 ACS / ATA/ATAPI-6 section 7). */
@@ -78,17 +79,21 @@ static struct prd prd_table[2][PRD_MAX] __attribute__((aligned(64)));
 static struct ide_drive drives[4];
 static uint16_t identify_buf[256];
 
-static void delay400(const struct ide_drive *d)
+/* After a device select, a command or a data block, status is valid only 400 ns
+ * later (ATA/ATAPI-6 9.5, 9.6: the host waits before reading it).  The TSC times it:
+ * the usual four alternate-status reads would be four trapped accesses on splitvm. */
+static void delay400(void)
 {
-	/* Device select needs 400 ns before status is valid: 4 alt-status reads. */
-	for (int i = 0; i < 4; i++)
-		(void)inb(d->ctrl);
+	uint64_t end = rdtsc() + ((uint64_t)platform_tsc_khz() * 400 + 999999) / 1000000;
+
+	while (rdtsc() < end)
+		cpu_relax();
 }
 
 static void select_drive(const struct ide_drive *d, uint8_t bits)
 {
 	outb(d->base + REG_DEVICE, (uint8_t)(0xA0 | bits | (d->slave << 4)));
-	delay400(d);
+	delay400();
 }
 
 /* Wait for BSY clear (and DRQ set if want_drq). 0, -1 device error, -2 timeout. */
@@ -220,7 +225,7 @@ static int ata_pio(struct ide_drive *d, bool write, uint64_t lba, uint32_t count
 	outb(d->base + REG_STATUS, write ? (ext ? CMD_WRITE_PIO_EXT : CMD_WRITE_PIO)
 					 : (ext ? CMD_READ_PIO_EXT : CMD_READ_PIO));
 	for (uint32_t i = 0; i < count; i++, p += 512) {
-		delay400(d);
+		delay400();
 		if ((rc = wait_ready(d, true, TIMEOUT_MS)))
 			return fail(d, write ? "write" : "read", rc);
 		if (write)
@@ -228,7 +233,7 @@ static int ata_pio(struct ide_drive *d, bool write, uint64_t lba, uint32_t count
 		else
 			insw(d->base + REG_DATA, p, 256);
 	}
-	delay400(d);
+	delay400();
 	if ((rc = wait_ready(d, false, TIMEOUT_MS)))
 		return fail(d, write ? "write" : "read", rc);
 	(void)inb(d->base + REG_STATUS);
@@ -262,7 +267,7 @@ static int ata_flush(struct blkdev *b)
 	if ((rc = wait_ready(d, false, TIMEOUT_MS)))
 		return fail(d, "flush", rc);
 	outb(d->base + REG_STATUS, d->lba48 ? CMD_FLUSH_EXT : CMD_FLUSH);
-	delay400(d);
+	delay400();
 	if ((rc = wait_ready(d, false, 30000)))
 		return fail(d, "flush", rc);
 	(void)inb(d->base + REG_STATUS);
@@ -285,14 +290,14 @@ static int atapi_packet(struct ide_drive *d, const uint8_t pkt[12], void *buf, u
 	outb(d->base + REG_LBA1, (uint8_t)limit);
 	outb(d->base + REG_LBA2, (uint8_t)(limit >> 8));
 	outb(d->base + REG_STATUS, CMD_PACKET);
-	delay400(d);
+	delay400();
 	if ((rc = wait_ready(d, true, TIMEOUT_MS)))
 		return quiet ? -1 : fail(d, "packet", rc);
 	outsw(d->base + REG_DATA, pkt, 6);
 
 	uint64_t dl = blk_deadline(TIMEOUT_MS);
 	for (;;) {
-		delay400(d);
+		delay400();
 		uint8_t st = inb(d->ctrl);
 		if (st & ST_BSY) {
 			if (blk_expired(dl))
@@ -375,7 +380,7 @@ static bool identify_packet(struct ide_drive *d)
 {
 	d->atapi = true;
 	outb(d->base + REG_STATUS, CMD_IDENTIFY_PACKET);
-	delay400(d);
+	delay400();
 	if (wait_ready(d, true, PROBE_TIMEOUT_MS))
 		return false;
 	insw(d->base + REG_DATA, identify_buf, 256);
@@ -405,7 +410,7 @@ static bool identify(struct ide_drive *d)
 	outb(d->base + REG_LBA1, 0);
 	outb(d->base + REG_LBA2, 0);
 	outb(d->base + REG_STATUS, CMD_IDENTIFY);
-	delay400(d);
+	delay400();
 	if (inb(d->ctrl) == 0)
 		return false;
 	int rc = wait_ready(d, true, PROBE_TIMEOUT_MS);
