@@ -7,8 +7,9 @@ DMA), nothing, or CHECK CONDITION with a sense key. Every field of the packet is
 as hostile: lengths are clamped to the reply actually built (CVE-2020-29443) and no
 reply is bigger than MAX_REPLY (CVE-2015-5154: the transfer buffer cannot overflow).
 
-Command sets: SPC-3 (INQUIRY, REQUEST SENSE, TEST UNIT READY, MODE SENSE(10)),
-SBC/MMC-5 (READ CAPACITY, READ(10)/(12), READ TOC). Packet protocol: ATA/ATAPI-6 9.8.
+Command sets: SPC-3 (T10/1416-D rev 23: INQUIRY, REQUEST SENSE, TEST UNIT READY, MODE
+SENSE(10)), SBC/MMC-3 (T10/1363-D rev 10g: READ CAPACITY, READ(10)/(12), READ TOC/PMA/ATIP).
+Packet transport: ATA8-ACS 7.22 (PACKET) and the ATA/ATAPI-6 PACKET command protocol.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ CD_BLOCK = 2048
 PACKET_SIZE = 12
 MAX_REPLY = 512  # the largest small reply built here; ide.py's buffer is 8 KiB
 
-# Sense keys and additional sense codes (SPC-3 4.5.6, tables 27 and 28).
+# Sense keys and additional sense codes (SPC-3 r23 4.5.6, tables 27 and 28).
 NO_SENSE, NOT_READY, ILLEGAL_REQUEST, UNIT_ATTENTION = 0x0, 0x2, 0x5, 0x6
 ASC_NONE = 0x00
 ASC_INVALID_OPCODE = 0x20
@@ -98,7 +99,9 @@ def _inquiry(cdb: bytes, model: str) -> AtapiResult:
     out[0] = 0x05  # peripheral device type: CD/DVD
     out[1] = 0x80  # removable medium
     out[2] = 0x00  # no SCSI version claimed: ATAPI (MMC) device
-    out[3] = 0x21  # ATAPI transport version 2, response data format 1
+    # ATAPI version 2 in bits 7:4 and response data format 1, as ATAPI drives (and QEMU) report;
+    # SPC-3 6.4.2 reads bit 5 as NORMACA and asks for response data format 2.
+    out[3] = 0x21
     out[4] = len(out) - 5
     out[8:16] = b"SPLITVM "
     out[16:32] = model.encode("ascii", "replace")[:16].ljust(16)
@@ -117,8 +120,8 @@ def _mode_sense(cdb: bytes) -> AtapiResult:
     alloc = int.from_bytes(cdb[7:9], "big")
     if page not in (MODE_PAGE_CAPABILITIES, MODE_PAGE_ALL):
         return check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
-    # CD capabilities and mechanical status page (MMC-3 5.5.10), minimal: reads CD-ROM,
-    # tray loading mechanism, locked.
+    # CD capabilities and mechanical status page 2Ah (MMC-3 6.3.11), minimal: reads CD-ROM,
+    # tray loading mechanism, locked. Page length 12h (20 bytes): shorter than MMC-3's page.
     caps = bytearray(20)
     caps[0], caps[1] = MODE_PAGE_CAPABILITIES, len(caps) - 2
     caps[2] = 0x00  # reads CD-R/RW: no
@@ -134,7 +137,7 @@ def _read_toc(cdb: bytes, blocks: int) -> AtapiResult:
     msf = bool(cdb[1] & 0x02)
     fmt = cdb[9] >> 6 or (cdb[2] & 0x0F)
     alloc = int.from_bytes(cdb[7:9], "big")
-    if fmt != 0 or msf:  # only the LBA form of format 0 (MMC-3 5.2.8.1)
+    if fmt != 0 or msf:  # only the LBA form of format 0000b (MMC-3 5.23, READ TOC/PMA/ATIP)
         return check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
     # One data track starting at LBA 0, then the lead-out at the end of the medium.
     out = bytearray(4)
@@ -152,7 +155,12 @@ def ata_string_words(text: str, nbytes: int) -> list[int]:
     return [(raw[i] << 8) | raw[i + 1] for i in range(0, nbytes, 2)]
 
 
-MWDMA_MAX, UDMA_MAX = 2, 5  # the DMA modes advertised (all of 0..max)
+# The DMA modes advertised (all of 0..max). UDMA in word 88 behind a PIIX3, which has no Ultra
+# DMA (PIIX4 brought it): IDENTIFY describes the drive, not the host, and a real UDMA drive on a
+# PIIX3 reports the same; the host picks the mode with SET FEATURES 03h (ATA8-ACS 7.47.5) and a
+# PIIX3 driver (Linux ata_piix, for one) never picks UDMA. QEMU's PIIX3 IDE drives advertise
+# UDMA 0-5 too.
+MWDMA_MAX, UDMA_MAX = 2, 5
 
 
 def dma_mode_words(mwdma: int, udma: int) -> tuple[int, int]:
@@ -162,21 +170,45 @@ def dma_mode_words(mwdma: int, udma: int) -> tuple[int, int]:
     return w63, w88
 
 
-def identify_packet_device(serial: str, model: str, mwdma: int, udma: int) -> list[int]:
-    """The 256 words of IDENTIFY PACKET DEVICE data (ATA/ATAPI-6 8.16).
+def hardware_reset_word(unit: int, peer_present: bool) -> int:
+    """IDENTIFY (PACKET) DEVICE word 93, the hardware reset result (ATA8-ACS Table 21 and
+    7.16.7.41; 7.17.6.38 gives packet devices the same word).
 
-    `mwdma`/`udma`: the selected mode (-1 if none), reported in words 63 and 88."""
+    Device 0 fills bits 7:0 and clears 12:8, device 1 the reverse. Both report that their
+    number came from "some other method" (11b: the VM configuration, neither jumper nor CSEL)
+    and that they passed diagnostics; device 0 saw DASP- and PDIAG- only if device 1 exists.
+    Bit 6 stays 0: device 0 never answers for an absent device 1 (its registers read 0)."""
+    w = (1 << 14) | (1 << 13)  # 14: shall be one; 13: CBLID- above ViH (80-conductor cable)
+    if unit == 0:
+        w |= 1 | (0b11 << 1) | (1 << 3)  # 0: shall be one; 2:1 numbered how; 3: passed diagnostics
+        if peer_present:
+            w |= (1 << 5) | (1 << 4)  # device 1 asserted DASP- (present) and PDIAG- (passed)
+    else:
+        w |= (1 << 8) | (0b11 << 9) | (1 << 11)  # 8: shall be one; 10:9 numbered how; 11: PDIAG-
+    return w
+
+
+def identify_packet_device(serial: str, model: str, mwdma: int, udma: int, unit: int,
+                           peer_present: bool) -> list[int]:
+    """The 256 words of IDENTIFY PACKET DEVICE data (ATA8-ACS 7.17.6, Table 24).
+
+    `mwdma`/`udma`: the selected mode (-1 if none), reported in words 63 and 88; `unit` and
+    `peer_present` (the other device of the channel exists) for word 93."""
     w = [0] * 256
     # ATAPI device (15:14 = 10), CD-ROM (12:8 = 5), removable (7), 50 us DRQ (6:5 = 10).
     w[0] = (2 << 14) | (5 << 8) | (1 << 7) | (2 << 5)
     w[10:20] = ata_string_words(serial, 20)
     w[23:27] = ata_string_words("1.0", 8)
     w[27:47] = ata_string_words(model, 40)
-    w[49] = (1 << 11) | (1 << 9) | (1 << 8)  # IORDY, LBA, DMA
+    w[49] = (1 << 11) | (1 << 9) | (1 << 8)  # IORDY, bit 9 (shall be one), DMA
     w[53] = 0x0006  # words 64-70 and 88 valid
     w[63], w[88] = dma_mode_words(mwdma, udma)
     w[64] = 0x0003  # PIO modes 3 and 4
     w[65:69] = [120, 120, 120, 120]
-    w[71], w[72] = 30, 30  # typical release/service times
-    w[80] = 0x7E  # ATA/ATAPI-1 .. 6
+    w[71], w[72] = 30, 30  # typical release/service times (obsolete in ATA8-ACS)
+    w[80] = 0x7E  # bits 1-6: ATA-1 .. ATA/ATAPI-6 (bits 1-3 are obsolete in ATA8-ACS)
+    w[93] = hardware_reset_word(unit, peer_present)  # bits 15:13 mandatory (7.17.6.38)
+    # Word 125 = 0: a PACKET command that moves data with a byte count limit of 0 is aborted
+    # (ATA8-ACS 7.17.6.44, 7.22.5 a); ide.py does so.
+    w[125] = 0
     return w

@@ -7,9 +7,11 @@ moves one DRQ block (a sector, or up to 16 for READ/WRITE MULTIPLE) at a time wi
 interrupt per block, and DMA is armed by the accesses and done by `work()` in bounded
 chunks whose progress is part of the snapshot.
 
-Register semantics: ATA/ATAPI-6 (T13/1410D) clause 7 (registers; 7.14 Status), clause 8
-(commands), clause 9 (protocols: 9.2 software reset, 9.5 PIO data-in, 9.6 PIO data-out,
-9.7 DMA, 9.8 PACKET). Bus master: Intel PIIX3 datasheet, "Bus Master IDE" registers.
+Register semantics: ATA/ATAPI-6 (T13/1410D rev 3b) clause 7 (register descriptions; 7.14
+Status) and clause 9 (protocols: 9.2 software reset, 9.5 PIO data-in, 9.6 PIO data-out, the
+DMA and PACKET command protocols, 9.10 EXECUTE DEVICE DIAGNOSTIC, 9.12 signature and
+persistence). Commands, Error and Interrupt Reason bits: ATA8-ACS (T13/1699-D rev 3f)
+clause 7, 6.2 and 6.3. Bus master: Intel PIIX3 datasheet, "Bus Master IDE" registers.
 CD-ROM packet commands live in backends/atapi.py.
 
 Restart contract: every register access is applied to the snapshot the host publishes
@@ -44,22 +46,23 @@ HEADS, SPT = 16, 63  # the CHS geometry reported and used for CHS addressing
 # Legacy ports: command block base, control block (alternate status / device control).
 CHANNEL_PORTS = ((0x1F0, 0x3F6), (0x170, 0x376))
 
-# Status register (ATA/ATAPI-6 7.14).
+# Status register (ATA/ATAPI-6 7.14). Bit 4 is DSC; packet devices report it as SERV (ATA8-ACS 6.1.7).
 BSY, DRDY, DF, DSC, DRQ, ERR = 0x80, 0x40, 0x20, 0x10, 0x08, 0x01
-# Error register bits (ATA/ATAPI-6 7.8 Error register).
+# Error register bits (ATA8-ACS 6.2.1 ABRT: bit 2, 6.2.4 IDNF: bit 4).
 ABRT, IDNF = 0x04, 0x10
 # Device Control register bits.
 NIEN, SRST, HOB = 0x02, 0x04, 0x80
 # Device register bits.
 DEV_LBA, DEV_SLAVE = 0x40, 0x10
-# ATAPI interrupt reason in the sector count register (ATA/ATAPI-6 9.8).
+# ATAPI interrupt reason in the sector count register (ATA8-ACS 6.3: C/D bit 0, I/O bit 1).
 IR_COD, IR_IO = 0x01, 0x02
 
 # Bus-master registers, per channel (PIIX3 datasheet, BMICx/BMISx/BMIDTPx).
 BM_START, BM_TO_MEMORY = 0x01, 0x08
 BMS_ACTIVE, BMS_ERROR, BMS_INTR, BMS_CAPABLE = 0x01, 0x02, 0x04, 0x60
 
-# Commands (ATA/ATAPI-6 clause 8).
+# Commands (ATA8-ACS clause 7; RECALIBRATE 10h and INITIALIZE DEVICE PARAMETERS 91h are obsolete, not in ACS).
+CMD_NOP = 0x00
 CMD_NOP_RESET = 0x08  # DEVICE RESET (packet devices)
 CMD_RECALIBRATE = 0x10
 CMD_READ_SECTORS, CMD_READ_SECTORS_EXT = 0x20, 0x24
@@ -83,12 +86,15 @@ RW_COMMANDS: dict[int, tuple[bool, bool, str]] = {
     CMD_READ_DMA: (False, False, "dma"), CMD_READ_DMA_EXT: (False, True, "dma"),
     CMD_WRITE_DMA: (True, False, "dma"), CMD_WRITE_DMA_EXT: (True, True, "dma"),
 }
-# What a packet device accepts of the ATA set; the rest aborts (ATA/ATAPI-6 6.x, 8.x).
-ATAPI_ALLOWED = {CMD_NOP_RESET, CMD_DIAGNOSTIC, CMD_PACKET, CMD_IDENTIFY_PACKET, CMD_CHECK_POWER,
+# What a packet device accepts of the ATA set; the rest aborts (PACKET feature set, ATA8-ACS 4.3.1).
+ATAPI_ALLOWED = {CMD_NOP, CMD_NOP_RESET, CMD_DIAGNOSTIC, CMD_PACKET, CMD_IDENTIFY_PACKET, CMD_CHECK_POWER,
                  CMD_SET_FEATURES, *CMD_POWER}
+# The PACKET feature set signature in LBA Mid/High (ATA8-ACS 7.11.4, Table 85).
+PACKET_SIGNATURE = (0x14, 0xEB)
 
-# Transfer kinds of a drive's PIO buffer.
+# Transfer kinds of a drive's PIO buffer; X_DMA: in the data phase of a DMA command (no buffer).
 X_NONE, X_ATA_IN, X_ATA_OUT, X_REPLY, X_PACKET, X_ATAPI_IN = "", "ata_in", "ata_out", "reply", "packet", "atapi_in"
+X_DMA = "dma"
 
 
 @dataclass
@@ -155,7 +161,7 @@ class Drive:
         """Diagnostic-passed code and the device signature (ATA/ATAPI-6 9.12)."""
         self.error = 0x01
         self.nsector = self.sector = 1
-        self.lcyl, self.hcyl = (0x14, 0xEB) if self.cdrom else (0, 0)
+        self.lcyl, self.hcyl = PACKET_SIGNATURE if self.cdrom else (0, 0)
         self.select &= 0xF0  # head/LBA 27:24 cleared
         self.status = 0 if self.cdrom or not self.present else DRDY | DSC
 
@@ -174,6 +180,7 @@ class Drive:
         self.end = min(self.end, self.fill)
         self.pos = min(self.pos, self.end)
         self.mult = min(max(self.mult, 0), MAX_MULT)
+        self.bcl = min(max(self.bcl, 0), 0xFFFE)
         self.mult_block = min(max(self.mult_block, 1), MAX_MULT)
 
 
@@ -226,8 +233,11 @@ class Channel:
             d.restore(ds)
 
 
-def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: int) -> list[int]:
-    """The 256 words of IDENTIFY DEVICE data (ATA/ATAPI-6 8.15)."""
+def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: int, unit: int,
+                 peer_present: bool) -> list[int]:
+    """The 256 words of IDENTIFY DEVICE data (ATA8-ACS 7.16.7, Table 21; the CHS words 1, 3, 6
+    and 54-58 that ACS marks obsolete are as ATA/ATAPI-6 8.15 defines them). `unit` (0/1) and
+    `peer_present` (the other device of the channel exists) shape word 93."""
     w = [0] * 256
     cyls = min(sectors // (HEADS * SPT), 16383)
     w[0] = 0x0040  # fixed device, not removable
@@ -249,14 +259,17 @@ def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: 
     w[63], w[88] = atapi.dma_mode_words(mwdma, udma)
     w[64] = 0x0003  # PIO modes 3 and 4
     w[65:69] = [120, 120, 120, 120]
-    w[80] = 0x007E  # ATA-1 .. ATA/ATAPI-6
-    w[82] = (1 << 14) | (1 << 6) | (1 << 5)  # look-ahead, write cache
+    w[80] = 0x007E  # bits 1-6: ATA-1 .. ATA/ATAPI-6 (bits 1-3 are obsolete in ATA8-ACS)
+    # NOP (00h, implemented: it aborts, as ATA8-ACS 7.20 requires), look-ahead, write cache. Word
+    # 85 repeats them as enabled: NOP cannot be disabled, and a feature that is supported and
+    # cannot be disabled "is defined as supported and the bit shall be set to one" (7.16.7.35).
+    w[82] = (1 << 14) | (1 << 6) | (1 << 5)
     w[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10)  # FLUSH CACHE (EXT), 48-bit address
     w[84] = 1 << 14
-    w[85] = (1 << 6) | (1 << 5)
+    w[85] = (1 << 14) | (1 << 6) | (1 << 5)
     w[86] = (1 << 13) | (1 << 12) | (1 << 10)
     w[87] = 1 << 14
-    w[93] = (1 << 14) | (1 << 13) | 1  # 80-conductor cable, device 0 passed
+    w[93] = atapi.hardware_reset_word(unit, peer_present)
     for i in range(4):
         w[100 + i] = (sectors >> (16 * i)) & 0xFFFF
     return w
@@ -289,8 +302,10 @@ class PiixIde:
 
     # -- PCI ------------------------------------------------------------------------------
     def config(self, offset: int, size: int, is_write: bool, value: int) -> int:
-        # 0x40-0x4F: IDETIM/SIDETIM/UDMA timing registers; timing is meaningless here but
-        # firmware writes them and drivers read them back.
+        # 0x40-0x4F: a PIIX3 has IDETIM (40-41h primary, 42-43h secondary) and SIDETIM (44h);
+        # 45h-4Fh are reserved (the Ultra DMA registers UDMACTL 48h / UDMATIM 4Ah came with the
+        # PIIX4). Timing is meaningless here, but firmware writes these and drivers read them
+        # back, so the whole range is plain read/write storage.
         if offset >= 0x40 and offset + size <= 0x50 and size in (1, 2, 4):
             if is_write:
                 self.pci.space[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -342,14 +357,15 @@ class PiixIde:
         d = ch.cur
         if reg in (7, 8):
             # Status of an absent device reads 0 (as QEMU); a status read, not the
-            # alternate status, acknowledges the interrupt (ATA/ATAPI-6 7.14, 7.2).
+            # alternate status, acknowledges the interrupt (ATA/ATAPI-6 7.14 Status register
+            # and the Alternate Status register description).
             value = d.status if d.present else 0
             if reg == 7:
                 self._set_pending(ch, False)
             return value
         if ch.empty or (not d.present and reg != 6):
             return 0
-        hob = bool(ch.devctl & HOB)  # read the "previous" bytes of LBA48 (7.x Device Control)
+        hob = bool(ch.devctl & HOB)  # read the "previous" bytes of LBA48 (ATA/ATAPI-6 Device Control)
         names = {1: ("error", "hob_feature"), 2: ("nsector", "hob_nsector"), 3: ("sector", "hob_sector"),
                  4: ("lcyl", "hob_lcyl"), 5: ("hcyl", "hob_hcyl"), 6: ("select", "select")}[reg]
         if reg == 1 and hob:
@@ -371,8 +387,8 @@ class PiixIde:
             self._write_taskfile(ch, reg, value)
 
     def _write_taskfile(self, ch: Channel, reg: int, value: int) -> None:
-        # Ignored while the selected device is busy or has data pending (ATA/ATAPI-6 7.x:
-        # the host shall not write the command block when BSY or DRQ is set).
+        # Ignored while the selected device is busy or has data pending (ATA/ATAPI-6 clause 7
+        # access restrictions: the host shall not write the command block when BSY or DRQ is set).
         if ch.cur.status & (BSY | DRQ):
             return
         ch.devctl &= ~HOB  # a command block write clears HOB (Device Control register)
@@ -459,11 +475,11 @@ class PiixIde:
             if d.remaining:
                 self._start_ata_in(ch, d)
             else:
-                self._complete(ch, d, irq=False)  # 9.5: no interrupt after the last block
+                self._complete(ch, d, irq=False)  # ATA/ATAPI-6 9.5: no interrupt after the last block
         elif d.xfer == X_ATAPI_IN:
             self._atapi_next_block(ch, d)
         else:
-            self._complete(ch, d, irq=False)  # IDENTIFY (9.5): one block, no final interrupt
+            self._complete(ch, d, irq=False)  # IDENTIFY (ATA/ATAPI-6 9.5): one block, no final interrupt
 
     def _out_block_done(self, ch: Channel, d: Drive) -> None:
         if d.xfer == X_PACKET:
@@ -479,7 +495,7 @@ class PiixIde:
         self._set_address(d, d.lba)
         if d.remaining:
             self._start_block(d, min(d.remaining, d.mult_block) * SECTOR, X_ATA_OUT)
-            self._raise(ch)  # 9.6: an interrupt for each block but the ...
+            self._raise(ch)  # ATA/ATAPI-6 9.6: an interrupt for each block but the first ...
         else:
             self._complete(ch, d)  # ... and after the last one
 
@@ -515,15 +531,30 @@ class PiixIde:
         ch.devctl &= ~HOB
         d.error = 0
         if d.cdrom and cmd not in ATAPI_ALLOWED:
-            if cmd in RW_COMMANDS or cmd == CMD_IDENTIFY:
-                d.set_signature()  # a packet device answers these with its signature (8.15)
-            self._abort(ch, d)
+            self._packet_device_refuses(ch, d, cmd)
             return
         handler = self._handlers().get(cmd)
         if handler is None:
             self._abort(ch, d)
         else:
             handler(ch, d, cmd)
+
+    def _packet_device_refuses(self, ch: Channel, d: Drive, cmd: int) -> None:
+        """An ATA command a packet device does not take: command aborted; two of them also
+        place the PACKET feature set signature.
+
+        IDENTIFY DEVICE: "in the appropriate fields (see 7.11.4)" (ATA8-ACS 7.16.5, 4.3.2), i.e.
+        the Table 85 signature: Count 01h, LBA 01h/14h/EBh (ATA/ATAPI-6 likewise says the
+        Command Block registers). READ SECTOR(S): "in the LBA field (23:8)" only (7.34.6), so
+        Count, LBA Low and Device keep what the host wrote. Everything else (READ SECTOR(S)
+        EXT, the writes, READ/WRITE MULTIPLE and DMA, which 4.3.1 prohibits for packet devices)
+        is a plain abort with no signature. QEMU also rewrites Count/LBA Low/Device for READ
+        SECTOR(S) and puts the signature on READ SECTOR(S) EXT; this follows ACS."""
+        if cmd == CMD_IDENTIFY:
+            d.set_signature()
+        elif cmd == CMD_READ_SECTORS:
+            d.lcyl, d.hcyl = PACKET_SIGNATURE
+        self._abort(ch, d)
 
     def _handlers(self) -> dict[int, Callable[[Channel, Drive, int], None]]:
         table: dict[int, Callable[[Channel, Drive, int], None]] = dict.fromkeys(RW_COMMANDS, self._cmd_rw)
@@ -533,7 +564,7 @@ class PiixIde:
             CMD_FLUSH: self._cmd_flush, CMD_FLUSH_EXT: self._cmd_flush,
             CMD_READ_NATIVE_MAX: self._cmd_native_max, CMD_READ_NATIVE_MAX_EXT: self._cmd_native_max,
             CMD_CHECK_POWER: self._cmd_check_power, CMD_PACKET: self._cmd_packet,
-            CMD_NOP_RESET: self._cmd_device_reset,
+            CMD_NOP: self._cmd_nop, CMD_NOP_RESET: self._cmd_device_reset,
             CMD_INIT_PARAMS: self._cmd_nodata, CMD_RECALIBRATE: self._cmd_nodata,
         })
         table.update(dict.fromkeys(CMD_POWER, self._cmd_nodata))
@@ -543,18 +574,25 @@ class PiixIde:
         self._complete(ch, d)
 
     def _cmd_identify(self, ch: Channel, d: Drive, cmd: int) -> None:
-        words = ata_identify(d.spec, d.sectors, d.mult, d.mwdma, d.udma)
+        peer = ch.drives[1 - d.unit].present
+        words = ata_identify(d.spec, d.sectors, d.mult, d.mwdma, d.udma, d.unit, peer)
         self._reply(ch, d, words_to_bytes(words))
 
     def _cmd_identify_packet(self, ch: Channel, d: Drive, cmd: int) -> None:
         if not d.cdrom:
             self._abort(ch, d)
             return
-        words = atapi.identify_packet_device(d.spec.serial, d.spec.model, d.mwdma, d.udma)
+        peer = ch.drives[1 - d.unit].present
+        words = atapi.identify_packet_device(d.spec.serial, d.spec.model, d.mwdma, d.udma, d.unit, peer)
         self._reply(ch, d, words_to_bytes(words))
 
+    def _cmd_nop(self, ch: Channel, d: Drive, cmd: int) -> None:
+        # NOP (ATA8-ACS 7.20, Table 26): every subcommand ends in command aborted; all fields
+        # but Error and Status are kept (7.20.5, Table 114). No command queue to abort here.
+        self._abort(ch, d)
+
     def _reply(self, ch: Channel, d: Drive, data: bytes) -> None:
-        """A one-block PIO data-in reply (IDENTIFY): DRQ and an interrupt (9.5)."""
+        """A one-block PIO data-in reply (IDENTIFY): DRQ and an interrupt (ATA/ATAPI-6 9.5)."""
         d.buf[: len(data)] = data
         self._start_block(d, len(data), X_REPLY)
         self._raise(ch)
@@ -562,20 +600,27 @@ class PiixIde:
     def _cmd_set_multiple(self, ch: Channel, d: Drive, cmd: int) -> None:
         n = d.nsector
         if n > MAX_MULT or n & (n - 1):
-            self._abort(ch, d)  # a power of two up to word 47, or 0 to disable (as QEMU)
+            self._abort(ch, d)  # a power of two up to word 47, or 0 to disable (as QEMU; ATA8-ACS 7.50)
             return
         d.mult = n
         self._complete(ch, d)
 
     def _cmd_set_features(self, ch: Channel, d: Drive, cmd: int) -> None:
-        # ATA/ATAPI-6 8.46; subcommand in Features, transfer mode in Sector Count.
+        # ATA8-ACS 7.47: subcommand in Features (Table 33), transfer mode in Sector Count (Table 34).
         if d.feature == 0x03:
+            # Count: transfer type in bits 7:3, mode in 2:0 (Table 34). Only the values Table 34
+            # defines and IDENTIFY advertises are taken; the rest abort (as QEMU does for unknown
+            # types; 7.16.2: a command the IDENTIFY data says is unsupported is aborted):
+            # 00000 000b PIO default; 00000 001b (PIO default, IORDY off) needs word 49 bit 10,
+            # which is 0; 00000 010b-111b undefined; 00001 mode: PIO 0-4 (word 64: 3 and 4,
+            # and every lower mode, 7.47.5); 00010b retired (single word DMA, word 62 = 0);
+            # 00100 mode: Multiword DMA 0-2 (word 63); 01000 mode: Ultra DMA 0-5 (word 88).
             kind, mode = d.nsector >> 3, d.nsector & 7
-            if kind in (0, 1) and mode <= 4:  # PIO default / PIO flow control mode x
+            if d.nsector == 0x00 or (kind == 0b00001 and mode <= 4):
                 d.mwdma = d.udma = -1
-            elif kind == 4 and mode <= atapi.MWDMA_MAX:
+            elif kind == 0b00100 and mode <= atapi.MWDMA_MAX:
                 d.mwdma, d.udma = mode, -1
-            elif kind == 8 and mode <= atapi.UDMA_MAX:
+            elif kind == 0b01000 and mode <= atapi.UDMA_MAX:
                 d.mwdma, d.udma = -1, mode
             else:
                 self._abort(ch, d)
@@ -604,7 +649,7 @@ class PiixIde:
         self._complete(ch, d)
 
     def _cmd_check_power(self, ch: Channel, d: Drive, cmd: int) -> None:
-        d.nsector = 0xFF  # active or idle (8.6)
+        d.nsector = 0xFF  # active or idle (ATA8-ACS 7.8, Table 82)
         self._complete(ch, d)
 
     def _cmd_device_reset(self, ch: Channel, d: Drive, cmd: int) -> None:
@@ -612,14 +657,16 @@ class PiixIde:
             self._abort(ch, d)
             return
         if ch.dma_unit == d.unit:
-            self._abort_dma(ch)
+            ch.clear_dma()  # its DMA goes with it; end_transfer() below ends its data phase
         d.end_transfer()
         d.set_signature()
         d.sense_key = d.asc = 0
-        # DEVICE RESET (ATA/ATAPI-6 8.8, 9.11) ends without an interrupt.
+        # DEVICE RESET (ATA8-ACS 7.11; ATA/ATAPI-6 DEVICE RESET command protocol) ends without an
+        # interrupt.
 
     def _diagnostic(self, ch: Channel) -> None:
-        # EXECUTE DEVICE DIAGNOSTIC goes to both devices whichever is selected (8.10, 9.10).
+        # EXECUTE DEVICE DIAGNOSTIC goes to both devices whichever is selected (ATA8-ACS 7.13;
+        # ATA/ATAPI-6 9.10).
         self._abort_dma(ch)
         for dr in ch.drives:
             dr.end_transfer()
@@ -637,7 +684,7 @@ class PiixIde:
         count = d.nsector or 256
         if d.select & DEV_LBA:
             return ((d.select & 0x0F) << 24) | (d.hcyl << 16) | (d.lcyl << 8) | d.sector, count
-        # CHS (ATA/ATAPI-6 6.x), in the fixed geometry of IDENTIFY words 1/3/6.
+        # CHS (as in ATA/ATAPI-6; ATA8-ACS is LBA only), in the fixed geometry of IDENTIFY words 1/3/6.
         cyl, head, sect = (d.hcyl << 8) | d.lcyl, d.select & 0x0F, d.sector
         if sect == 0 or sect > SPT:
             return None
@@ -666,11 +713,11 @@ class PiixIde:
             self._abort(ch, d)
             return
         if how == "multiple" and d.mult == 0:
-            self._abort(ch, d)  # multiple mode disabled (8.22)
+            self._abort(ch, d)  # multiple mode disabled (ATA8-ACS 7.30.2, 7.50.3)
             return
         addr = self._address(d, lba48)
         if addr is None or addr[0] + addr[1] > d.sectors:
-            self._abort(ch, d, IDNF)  # outside the medium (7.8: IDNF)
+            self._abort(ch, d, IDNF)  # outside the medium (ATA8-ACS 6.2.4: IDNF)
             return
         d.end_transfer()
         d.lba, d.remaining = addr
@@ -679,7 +726,7 @@ class PiixIde:
         if how == "dma":
             self._arm_dma(ch, d, d.lba * SECTOR, d.remaining * SECTOR, to_image=is_write, is_atapi=False)
         elif is_write:
-            self._start_block(d, min(d.remaining, d.mult_block) * SECTOR, X_ATA_OUT)  # 9.6: no irq yet
+            self._start_block(d, min(d.remaining, d.mult_block) * SECTOR, X_ATA_OUT)  # ATA/ATAPI-6 9.6: no irq yet
         else:
             self._start_ata_in(ch, d)
 
@@ -695,8 +742,9 @@ class PiixIde:
 
     # -- ATAPI ----------------------------------------------------------------------------
     def _cmd_packet(self, ch: Channel, d: Drive, cmd: int) -> None:
-        # 9.8: DRQ for the 12-byte command packet, interrupt reason CoD, no interrupt
-        # (IDENTIFY PACKET DEVICE word 0 says 50 us DRQ).
+        # ATA8-ACS 7.22.6.1 (ATA/ATAPI-6 PACKET command protocol): DRQ for the 12-byte command
+        # packet, C/D = 1, I/O = 0, and no interrupt (IDENTIFY PACKET DEVICE word 0 bits 6:5 = 10b:
+        # DRQ within 50 us, ATA8-ACS Table 24).
         d.end_transfer()
         d.packet_dma = bool(d.feature & 0x01)
         d.bcl = (d.hcyl << 8) | d.lcyl
@@ -722,12 +770,18 @@ class PiixIde:
         if not res.data and not res.read_blocks:
             self._atapi_done(ch, d)
             return
-        bcl = d.bcl
-        if bcl == 0:
-            self._abort(ch, d)  # a data command with no byte count: abort (as QEMU)
+        bcl = 0xFFFE if d.bcl == 0xFFFF else d.bcl  # FFFFh reads as FFFEh (ATA8-ACS 7.22.5)
+        total = len(res.data) or res.read_blocks * atapi.CD_BLOCK
+        # A limit of 0 with data to move: IDENTIFY PACKET DEVICE word 125 is 0000h, so "the
+        # device shall return command aborted" (7.17.6.44, 7.22.5 a; QEMU aborts too). A limit
+        # of 1 with more than one byte to move leaves no valid byte count (7.22.6.2: at most
+        # the limit, not zero, even unless it is the last transfer); the host broke 7.22.5 b
+        # (the limit shall be even when the transfer is longer), so abort that as well.
+        if bcl == 0 or (bcl == 1 and total > 1):
+            self._atapi_error(ch, d, atapi.NO_SENSE)
             return
         d.end_transfer()
-        d.bcl = 0xFFFE if bcl == 0xFFFF else bcl
+        d.bcl = bcl
         if res.data:
             d.buf[: len(res.data)] = res.data
             d.fill, d.remaining = len(res.data), 0
@@ -753,8 +807,13 @@ class PiixIde:
             d.remaining -= n
             d.pos, d.fill = 0, n * atapi.CD_BLOCK
         left = d.fill - d.pos
-        # At most the byte count limit per block, kept even unless it is the tail.
-        size = left if left <= d.bcl else max(d.bcl & ~1, 2)
+        # The byte count of a DRQ block (ATA8-ACS 7.22.6.2): at most the limit, never zero,
+        # even except for the last block (an odd limit is used as limit - 1 until then; `left`
+        # is odd only for the tail of a small reply, staged reads are whole 2048-byte blocks).
+        size = left if left <= d.bcl else d.bcl & ~1
+        if size == 0:  # a limit below 2 from a restored snapshot: _packet refuses those
+            self._atapi_error(ch, d, atapi.NO_SENSE)
+            return
         d.end = d.pos + size
         d.lcyl, d.hcyl = size & 0xFF, (size >> 8) & 0xFF
         d.nsector = IR_IO
@@ -768,8 +827,10 @@ class PiixIde:
         self._raise(ch)
 
     def _atapi_error(self, ch: Channel, d: Drive, sense_key: int) -> None:
+        """End a PACKET command in error (ATA8-ACS Table 115): ABRT, the sense key in Error bits
+        7:4 (6.2.8; NO_SENSE for an abort at the ATA level), I/O = C/D = 1, an interrupt."""
         d.end_transfer()
-        d.error = (sense_key << 4) | ABRT  # ATAPI: sense key in the error register's high nibble
+        d.error = (sense_key << 4) | ABRT
         d.nsector = IR_IO | IR_COD
         d.status = DRDY | ERR
         self._raise(ch)
@@ -819,7 +880,9 @@ class PiixIde:
             ch.prd_index = ch.prd_off = 0  # a start begins at the table's first PRD
             ch.dma_done = 0
         elif ch.bm_cmd & BM_START and not value & BM_START:
-            # Stop: a transfer not finished is lost (the guest resets the device after).
+            # Stop: a transfer not finished is lost (PIIX datasheets, BMICx bit 0). A device
+            # still in its DMA data phase would wait for a reset; here its command ends with
+            # ABRT and no interrupt, so the guest can also go on with the next command.
             self._abort_dma(ch)
             ch.bm_status &= ~BMS_ACTIVE
         ch.bm_cmd = value
@@ -832,18 +895,27 @@ class PiixIde:
         ch.clear_dma()
         ch.dma_unit, ch.dma_offset, ch.dma_total = d.unit, offset, total
         ch.dma_to_image, ch.dma_atapi = to_image, is_atapi
-        d.status = DRDY | DSC | DRQ  # 9.7: the device holds DRQ while the data moves
+        d.xfer = X_DMA
+        d.status = DRDY | DSC | DRQ  # ATA/ATAPI-6 DMA command protocol: DRQ held while data moves
 
     def _abort_dma(self, ch: Channel) -> None:
-        """Drop an armed DMA; harmless when none is armed or its drive is absent."""
-        if ch.dma_unit < 0:
-            return
-        d = ch.drives[ch.dma_unit]
+        """Drop the channel's DMA; a device still in its DMA data phase (armed, or left
+        waiting by a PRD table that ran out) ends its command with ABRT and no interrupt."""
         ch.clear_dma()
-        if d.present and d.status & DRQ:
-            d.end_transfer()
-            d.error = ABRT
-            d.status = DRDY | DSC | ERR
+        for d in ch.drives:
+            if d.present and d.xfer == X_DMA:
+                self._dma_command_error(ch, d, irq=False)
+
+    def _dma_command_error(self, ch: Channel, d: Drive, irq: bool) -> None:
+        """End a DMA command with ABRT (ATA8-ACS 6.2.1), in the PACKET error form for a packet
+        device (Table 115: I/O = C/D = 1)."""
+        d.end_transfer()
+        d.error = ABRT
+        d.status = DRDY | DSC | ERR
+        if d.cdrom:
+            d.nsector = IR_IO | IR_COD
+        if irq:
+            self._raise(ch)
 
     def work_pending(self) -> bool:
         return any(ch.dma_ready for ch in self.channels)
@@ -887,7 +959,7 @@ class PiixIde:
         want = min(DMA_CHUNK, ch.dma_total - ch.dma_done)
         gathered = self._gather(ch, want)
         if gathered is None:
-            self._dma_finish(ch, "error")
+            self._dma_finish(ch, "bus_error")
             return
         views, got, idx, off, eot = gathered
         image = ch.drives[ch.dma_unit].spec.image
@@ -898,7 +970,7 @@ class PiixIde:
             else:
                 image.read_into(pos, views)
         except (BlockImageError, OSError):
-            self._dma_finish(ch, "error")
+            self._dma_finish(ch, "device_error")
             return
         finally:
             views.clear()  # release the RAM views now, not when the frame dies
@@ -910,19 +982,40 @@ class PiixIde:
             self._dma_finish(ch, "short")
 
     def _dma_finish(self, ch: Channel, how: str) -> None:
-        """End of a DMA. PIIX semantics of BM status on the PRD table's length:
-        exact -> interrupt only; longer -> active and interrupt; shorter -> neither."""
+        """End of a DMA. BM status follows the Interrupt/Active table of Intel's bus-master IDE
+        (PIIX4 BMISx points to its Table 15; the ICH datasheets carry the same table, e.g. ICH7
+        Table 5-42): "exact" (PRDs as long as the transfer): Interrupt only; "longer": Active
+        and Interrupt; "short": neither, Error clear; "bus_error" (a PRD or buffer outside guest
+        RAM, or no end of table within a page: a PCI master abort on real hardware): Error, not
+        Active, no interrupt; "device_error" (the image failed)."""
         d = ch.drives[ch.dma_unit]
         is_atapi = ch.dma_atapi
         ch.clear_dma()
-        if how == "error":
+        if how == "bus_error":
+            # Error conditions (82801AA 5.14.2.6, ICH7 5.16.2.5; PIIX4 BMISx bit 1: Error on a
+            # target or master abort): the controller stops the transfer, clears Active, sets
+            # Error and "does not generate an interrupt". The drive cannot see a PCI error and
+            # would wait for data until reset; the model ends its command with ABRT, still
+            # without an interrupt, so the guest finds the error in the drive registers too
+            # and can issue the next command. (QEMU's ide_dma_error aborts and raises INTRQ,
+            # which also sets the bus-master Interrupt bit; the datasheets rule that out.)
             ch.bm_status = (ch.bm_status & ~BMS_ACTIVE) | BMS_ERROR
-            self._abort(ch, d)
+            self._dma_command_error(ch, d, irq=False)
+            return
+        if how == "device_error":
+            # The device fails the command itself: ABRT and its completion interrupt. No PCI
+            # error happened, so no Error bit (set only on target/master abort, PIIX4 BMISx).
+            ch.bm_status &= ~BMS_ACTIVE
+            self._dma_command_error(ch, d, irq=True)
             return
         if how == "short":
+            # Interrupt 0, Active 0, Error 0: "the PRD's specified a smaller size than the IDE
+            # transfer size" (the Interrupt/Active table; PIIX/PIIX3 require PRDs at least as
+            # long as the disk transfer). The device has not got all its data: it stays in its
+            # data phase (DRQ, X_DMA), no completion, no interrupt, until the guest stops the
+            # bus master (_bm_command) or resets it.
+            # (QEMU's ide_dma_cb, "the PRDs were too short", completes the device instead.)
             ch.bm_status &= ~BMS_ACTIVE
-            d.end_transfer()
-            d.status = DRDY | DSC  # as QEMU: the device gives up, no interrupt
             return
         if how == "exact":
             ch.bm_status &= ~BMS_ACTIVE

@@ -169,6 +169,76 @@ def test_identify(mem, disk):
     assert g.inb(STATUS) == DRDY | 0x10  # done, no DRQ
 
 
+# Word 93 (ATA8-ACS Table 21, 7.16.7.41): 14 shall be one, 13 CBLID- (80-conductor); device 0:
+# bit 0 one, 2:1 = 11b (numbered by "some other method"), 3 passed diagnostics, 4/5 PDIAG-/DASP-
+# seen from device 1, 12:8 clear; device 1: 7:0 clear, bit 8 one, 10:9 = 11b, 11 PDIAG- asserted.
+W93_DEV0_ALONE, W93_DEV0_WITH_DEV1, W93_DEV1 = 0x600F, 0x603F, 0x6F00
+
+
+def identify_words(g: Guest, dev: int, cmd: int = 0xEC) -> list[int]:
+    g.outb(DEVICE, dev)
+    g.outb(STATUS, cmd)
+    assert g.inb(STATUS) & DRQ
+    return words(g.insw(256))
+
+
+def test_identify_word93_per_device(mem, disk, tmp_path, cd):
+    img = make_image(tmp_path / "slave.img", 1 << 16)
+    try:
+        g = make(mem, [disk_spec(disk), disk_spec(img), disk_spec(disk), None])
+        w0, w1 = identify_words(g, 0xE0)[93], identify_words(g, 0xF0)[93]
+        assert (w0, w1) == (W93_DEV0_WITH_DEV1, W93_DEV1)
+        assert w0 & 0x1F00 == 0 and w1 & 0x00FF == 0  # each clears the other's field
+        assert w0 & (1 << 3)  # device 0 passed diagnostics (was 0)
+        sec = on_secondary(g)
+        assert identify_words(sec, 0xE0)[93] == W93_DEV0_ALONE  # no device 1: no DASP-/PDIAG-
+        # A packet device reports word 93 too (7.17.6.38: bits 15:13 mandatory).
+        g2 = make(mem, [None, None, disk_spec(disk), cd_spec(cd)])
+        sec2 = on_secondary(g2)
+        assert identify_words(sec2, 0xB0, 0xA1)[93] == W93_DEV1
+        assert identify_words(sec2, 0xA0)[93] == W93_DEV0_WITH_DEV1
+    finally:
+        os.close(img.fd)
+
+
+def test_nop_aborts_and_is_advertised(mem, disk, cd):
+    g = make(mem, [disk_spec(disk), None, cd_spec(cd), None])
+    w = identify_words(g, 0xE0)
+    assert w[82] & (1 << 14) and w[85] & (1 << 14)  # NOP supported, in both words (85 was 0)
+    for sub in (0x00, 0x01, 0x5A):  # NOP, NOP Auto Poll, reserved: all abort (Table 26)
+        g.command(0x00, lba=0x123456, count=0x42, feature=sub)
+        assert g.irq14.level
+        assert g.inb(STATUS) == DRDY | 0x10 | ERR and g.inb(ERROR) == 0x04
+        # every field but Error and Status is kept (ATA8-ACS 7.20.5)
+        assert [g.inb(p) for p in (NSECT, LBAL, LBAM, LBAH, DEVICE)] == [0x42, 0x56, 0x34, 0x12, 0xE0]
+    sec = on_secondary(g)
+    sec.command(0x00, lba=0x654321, count=0x24)  # mandatory for packet devices (7.20.1): aborts
+    assert sec.inb(STATUS) & ERR and sec.inb(ERROR) == 0x04
+    assert [sec.inb(p) for p in (NSECT, LBAL, LBAM, LBAH)] == [0x24, 0x21, 0x43, 0x65]
+
+
+@pytest.mark.parametrize("count,ok", [
+    (0x00, True), (0x01, False),  # PIO default; IORDY cannot be disabled (word 49 bit 10 = 0)
+    (0x02, False), (0x03, False), (0x04, False), (0x07, False),  # 00000 010b-111b: undefined
+    (0x08, True), (0x0C, True), (0x0D, False),  # PIO flow control modes 0-4, not 5
+    (0x10, False), (0x12, False),  # single word DMA: retired
+    (0x20, True), (0x22, True), (0x23, False),  # Multiword DMA 0-2
+    (0x40, True), (0x45, True), (0x46, False),  # Ultra DMA 0-5
+    (0x80, False), (0x18, False), (0xFF, False),  # reserved / undefined types
+])
+def test_set_features_transfer_mode_values(mem, disk, count, ok):
+    # ATA8-ACS 7.47.5, Table 34: only defined (and advertised) Count values are taken.
+    g = make(mem, [disk_spec(disk), None, None, None])
+    g.command(0xEF, feature=0x03, count=0x22)  # start from Multiword DMA 2
+    assert not g.inb(STATUS) & ERR
+    g.command(0xEF, feature=0x03, count=count)
+    if ok:
+        assert g.inb(STATUS) == DRDY | 0x10
+        return
+    assert g.inb(STATUS) & ERR and g.inb(ERROR) == 0x04
+    assert identify_words(g, 0xE0)[63] == 0x0407  # an aborted mode change keeps the old mode
+
+
 def test_pio_read_several_sectors(mem, disk):
     g = make(mem, [disk_spec(disk), None, None, None])
     g.command(0x20, lba=100, count=5)
@@ -312,6 +382,26 @@ def test_software_reset_signature(mem, disk, cd):
     assert g.inb(STATUS) & ERR and (g.inb(LBAM), g.inb(LBAH)) == (0x14, 0xEB)
 
 
+def test_packet_device_refuses_ata_commands(mem, cd):
+    g = on_secondary(cd_guest(mem, cd))
+    # IDENTIFY DEVICE: abort and the Table 85 signature (ATA8-ACS 7.16.5 -> 7.11.4): Count 01h,
+    # LBA 01h/14h/EBh.
+    g.command(0xEC, lba=0x998877, count=0x55, dev=0xA3)
+    assert g.irq15.level
+    assert g.inb(STATUS) & ERR and g.inb(ERROR) == 0x04
+    assert [g.inb(p) for p in (NSECT, LBAL, LBAM, LBAH)] == [0x01, 0x01, 0x14, 0xEB]
+    # READ SECTOR(S): abort, signature in LBA (23:8) only (7.34.6); Count, LBA Low and Device
+    # keep what the host wrote (they were rewritten to 01h/01h/A0h before).
+    g.command(0x20, lba=0x998877, count=0x55, dev=0xE3)
+    assert g.inb(STATUS) & ERR and g.inb(ERROR) == 0x04
+    assert [g.inb(p) for p in (NSECT, LBAL, LBAM, LBAH, DEVICE)] == [0x55, 0x77, 0x14, 0xEB, 0xE3]
+    # Prohibited commands (4.3.1) and READ SECTOR(S) EXT: a plain abort, no signature.
+    for cmd in (0x24, 0x30, 0x34, 0xC4, 0xC5, 0xC6, 0xC8, 0xCA, 0x25, 0x35):
+        g.command(cmd, lba=0x998877, count=0x55, dev=0xE3)
+        assert g.inb(STATUS) & ERR and g.inb(ERROR) == 0x04, hex(cmd)
+        assert [g.inb(p) for p in (NSECT, LBAL, LBAM, LBAH, DEVICE)] == [0x55, 0x77, 0x88, 0x99, 0xE3], hex(cmd)
+
+
 def test_status_read_clears_irq_and_nien_masks(mem, disk):
     g = make(mem, [None, None, disk_spec(disk), None])
     sec = 0x170
@@ -404,11 +494,54 @@ def test_dma_write_start_first_and_longer_prds(mem, disk):
 
 def test_dma_short_prds(mem, disk):
     g = make(mem, [disk_spec(disk), None, None, None])
+    mem.write(DMA_BUF, b"\xAA" * 2048)
     write_prds(mem, [(DMA_BUF, 1024)])
     g.command(0xC8, lba=0, count=4)
     start_dma(g, True)
     g.run_work()
-    assert g.bm_in(2) & 0x07 == 0 and not g.irq14.level  # neither active nor interrupt
+    # PIIX Interrupt/Active table: neither bit, no Error: the PRDs were shorter than the
+    # transfer. The device still waits for the rest: DRQ held, no ERR, no completion interrupt.
+    assert g.bm_in(2) & 0x07 == 0 and not g.irq14.level
+    assert g.inb(STATUS) == DRDY | 0x10 | DRQ
+    assert mem.read(DMA_BUF, 1024) == disk.read(0, 1024) and mem.read(DMA_BUF + 1024, 1024) == b"\xAA" * 1024
+    assert not g.ide.work()  # nothing more moves
+    g.command(0xEC)  # a command over DRQ is not taken
+    assert g.inb(STATUS) == DRDY | 0x10 | DRQ and not g.irq14.level
+    # The guest stops the bus master: the unfinished command ends with ABRT, no interrupt ...
+    g.bm_out(0, 1, 0x08)
+    assert g.inb(STATUS) == DRDY | 0x10 | ERR and g.inb(ERROR) == 0x04 and not g.irq14.level
+    # ... and the next command works.
+    write_prds(mem, [(DMA_BUF, 2048)])
+    g.command(0xC8, lba=0, count=4)
+    start_dma(g, True)
+    g.run_work()
+    assert g.bm_in(2) & 0x07 == 0x04 and g.inb(STATUS) == DRDY | 0x10
+    assert mem.read(DMA_BUF, 2048) == disk.read(0, 2048)
+
+
+def test_dma_short_prds_software_reset(mem, disk, cd):
+    g = make(mem, [disk_spec(disk), None, cd_spec(cd), None])
+    write_prds(mem, [(DMA_BUF, 512)])
+    g.command(0xCA, lba=0, count=2)
+    start_dma(g, False)
+    g.run_work()
+    assert g.inb(STATUS) & (DRQ | ERR) == DRQ and g.bm_in(2) & 0x07 == 0
+    g.outb(CTRL, 0x04)  # SRST recovers the device left in its data phase
+    g.outb(CTRL, 0x00)
+    assert g.inb(STATUS) == DRDY | 0x10 and g.inb(ERROR) == 0x01
+    # ATAPI DMA with a short table: the same (the PACKET command does not complete).
+    sec = on_secondary(g)
+    g.bm_out(0, 1, 0)
+    g.bm_out(8 + 4, 4, PRD_TABLE)
+    g.bm_out(8, 1, 0x09)
+    sec.outb(DEVICE, 0xA0)
+    packet(sec, bytes([0x28, 0, 0, 0, 0, 2, 0, 0, 2]), dma=True)  # 4 KiB into a 512-byte table
+    g.run_work()
+    assert g.bm_in(10) & 0x07 == 0 and not g.irq15.level
+    assert sec.inb(STATUS) & (DRQ | ERR) == DRQ
+    g.bm_out(8, 1, 0x08)  # stop: ABRT in the PACKET error form (I/O = C/D = 1)
+    assert sec.inb(STATUS) & ERR and sec.inb(ERROR) & 0x04 and sec.inb(NSECT) == 0x03
+    assert not g.irq15.level
 
 
 def test_dma_prd_outside_ram(mem, disk):
@@ -418,17 +551,28 @@ def test_dma_prd_outside_ram(mem, disk):
     g.command(0xCA, lba=0, count=8)
     start_dma(g, False)
     g.run_work()
-    assert g.inb(STATUS) & ERR and g.inb(ERROR) == 0x04
-    assert g.bm_in(2) & 0x07 == 0x06  # error and interrupt, not active
+    # PIIX error conditions: Error set, Active clear, no interrupt (was 0x06 with INTRQ). The
+    # guest also sees the command failed in the drive registers.
+    assert g.bm_in(2) & 0x07 == 0x02 and not g.irq14.level
+    assert g.inb(STATUS) == DRDY | 0x10 | ERR and g.inb(ERROR) == 0x04
     assert disk.read(0, 4096) == before
     g.bm_out(4, 4, 0xFFFFFFF0)  # the table itself outside RAM
     g.bm_out(2, 1, 0x06)
     g.bm_out(0, 1, 0)
-    g.command(0xC8, lba=0, count=1)
+    g.command(0xC8, lba=0, count=1)  # the next command is taken without a reset
     start_dma(g, True)
     g.bm_out(4, 4, 0xFFFFFFF0)
     g.run_work()
-    assert g.inb(STATUS) & ERR and g.bm_in(2) & 0x02
+    assert g.inb(STATUS) & ERR and g.bm_in(2) & 0x07 == 0x02 and not g.irq14.level
+    # Recovery: stop, clear, and a good transfer.
+    g.bm_out(0, 1, 0)
+    g.bm_out(2, 1, 0x06)
+    write_prds(mem, [(DMA_BUF, 512)])
+    g.command(0xC8, lba=3, count=1)
+    start_dma(g, True)
+    g.run_work()
+    assert g.bm_in(2) & 0x07 == 0x04 and g.irq14.level and g.inb(STATUS) == DRDY | 0x10
+    assert mem.read(DMA_BUF, 512) == disk.read(3 * 512, 512)
 
 
 def test_dma_prd_table_without_end(mem, disk):
@@ -438,7 +582,23 @@ def test_dma_prd_table_without_end(mem, disk):
     start_dma(g, True)
     g.run_work()
     assert g.inb(STATUS) & ERR
-    assert g.bm_in(2) & 0x07 == 0x06
+    assert g.bm_in(2) & 0x07 == 0x02 and not g.irq14.level
+
+
+def test_dma_image_error_is_a_device_error(mem, disk, monkeypatch):
+    g = make(mem, [disk_spec(disk), None, None, None])
+
+    def fail(*args):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(disk, "read_into", fail)
+    write_prds(mem, [(DMA_BUF, 1024)])
+    g.command(0xC8, lba=0, count=2)
+    start_dma(g, True)
+    g.run_work()
+    # The drive fails the command itself: ABRT with its interrupt; no PCI error, so no Error.
+    assert g.irq14.level and g.inb(STATUS) & ERR and g.inb(ERROR) == 0x04
+    assert g.bm_in(2) & 0x07 == 0x04
 
 
 def test_dma_bounded_work_and_snapshot_resume(mem, disk, tmp_path):
@@ -560,22 +720,50 @@ def test_atapi_hostile_byte_counts(mem, cd, bcl):
     g = on_secondary(cd_guest(mem, cd))
     g.outb(DEVICE, 0xA0)
     packet(g, bytes([0x28, 0, 0, 0, 0, 1, 0, 0, 5]), bcl=bcl)
-    if bcl == 0:
-        assert g.inb(STATUS) & ERR  # a data command with no byte count aborts
+    if bcl < 2:
+        # 0: IDENTIFY PACKET DEVICE word 125 is 0, so command aborted (ATA8-ACS 7.17.6.44);
+        # 1 with more than a byte to move: no valid byte count exists (7.22.6.2). Both in the
+        # PACKET error form (Table 115: ABRT, I/O = C/D = 1) with an interrupt.
+        assert g.irq15.level
+        assert g.inb(STATUS) & (ERR | DRQ) == ERR and g.inb(ERROR) == 0x04 and g.inb(NSECT) == 0x03
         return
+    limit = 0xFFFE if bcl == 0xFFFF else bcl
     out = b""
     guard = 0
     while g.inb(STATUS) & DRQ:
         n = g.inb(LBAM) | g.inb(LBAH) << 8
-        assert 0 < n <= max(bcl, 2) and n <= 0xFFFE
+        assert 0 < n <= limit and n % 2 == 0  # 7.22.6.2: within the limit, even (not the tail)
         out += g.insw((n + 1) // 2)[:n]
         guard += 1
         assert guard < 20000
     assert out == cd.read(2048, 5 * 2048)
     # Over-reading the data port and huge allocation lengths stay inside the reply.
-    packet(g, bytes([0x12, 0, 0, 0xFF, 0xFF]), bcl=bcl or 2)
-    assert len(read_reply(g)) == 36 or bcl < 36
+    packet(g, bytes([0x12, 0, 0, 0xFF, 0xFF]), bcl=bcl)
+    assert len(read_reply(g)) == 36
     assert g.insw(4096) == b"\0" * 8192
+
+
+def test_atapi_odd_byte_count_limits(mem, cd):
+    g = on_secondary(cd_guest(mem, cd))
+    g.outb(DEVICE, 0xA0)
+
+    def sizes(cdb: bytes, bcl: int) -> tuple[list[int], bytes]:
+        packet(g, cdb, bcl=bcl)
+        ns, out = [], b""
+        while g.inb(STATUS) & DRQ:
+            ns.append(g.inb(LBAM) | g.inb(LBAH) << 8)
+            out += g.insw((ns[-1] + 1) // 2)[: ns[-1]]
+        assert g.inb(NSECT) == 0x03 and not g.inb(STATUS) & ERR
+        return ns, out
+
+    # A 5-byte INQUIRY reply with a limit of 3: even blocks at most the limit, the odd tail last.
+    ns, out = sizes(bytes([0x12, 0, 0, 0, 5]), 3)
+    assert ns == [2, 3] and out[0] == 5
+    # A limit of 1 is fine when the whole transfer is 1 byte (7.22.5 c).
+    assert sizes(bytes([0x12, 0, 0, 0, 1]), 1) == ([1], b"\x05")
+    # An odd limit larger than a block still gives even blocks (limit - 1).
+    ns, out = sizes(bytes([0x28, 0, 0, 0, 0, 4, 0, 0, 1]), 1001)
+    assert set(ns[:-1]) == {1000} and sum(ns) == 2048 and out == cd.read(4 * 2048, 2048)
 
 
 def test_atapi_dma_read(mem, cd):
