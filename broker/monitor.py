@@ -91,6 +91,8 @@ def info_exits_text(stats: dict) -> str:
     u = stats.get("unowned", {})
     out.append(f"unowned: pio reads {u.get('pio_read', 0)}, pio writes {u.get('pio_write', 0)}, "
                f"mmio reads {u.get('mmio_read', 0)}, mmio writes {u.get('mmio_write', 0)}")
+    plat = stats.get("platform", {})
+    out.append("platform ports: " + ", ".join(f"{name} {n}" for name, n in plat.items()))
     out.append(f"vcpu exits: {stats.get('vcpu_exits', 0)}")
     return "\n".join(out)
 

@@ -9,8 +9,7 @@ from vmutil import VM, backend_row, monitor
 
 @pytest.mark.parametrize("accel", accels())
 def test_bars_route_to_the_backend_and_follow_a_move(accel, run_dir):
-    vm = VM("-accel", accel, "-device", "testdev", "-device", "testdev,id=td9,addr=5", run_dir=run_dir)
-    try:
+    with VM("-accel", accel, "-device", "testdev", "-device", "testdev,id=td9,addr=5", run_dir=run_dir) as vm:
         vm.wait_for("splitvm> ")
         assert vm.command("lspci").splitlines() == [
             "00:00.0 0600: 8086:1237 Host bridge",
@@ -41,13 +40,10 @@ def test_bars_route_to_the_backend_and_follow_a_move(accel, run_dir):
         assert vm.command("in 0xc004 l") == "0x1234abcd"
         vm.send("exit 0")
         assert vm.wait() == 0
-    finally:
-        vm.close()
 
 
 def test_intx_level_and_restart_keep_the_device_state(run_dir):
-    vm = VM("-device", "testdev", run_dir=run_dir)
-    try:
+    with VM("-device", "testdev", run_dir=run_dir) as vm:
         vm.wait_for("splitvm> ")
         assert vm.command("pcicfg 01.0 0x3c") == "0x0000010b"  # pin A, line 11
         assert vm.command("in 0x508 l") == "0x00000000"  # no line asserted
@@ -64,8 +60,6 @@ def test_intx_level_and_restart_keep_the_device_state(run_dir):
         assert vm.command("in 0x508 l") == "0x00000000"
         vm.send("exit 0")
         assert vm.wait() == 0
-    finally:
-        vm.close()
 
 
 def test_device_option_errors(tmp_path):

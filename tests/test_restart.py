@@ -27,8 +27,7 @@ def served(run_dir) -> int:
 
 @pytest.mark.parametrize("accel", accels())
 def test_kill_9_serial_mid_stream_loses_and_doubles_nothing(accel, run_dir):
-    vm = VM("-accel", accel, "-append", f"count {LINES}; exit 5", run_dir=run_dir)
-    try:
+    with VM("-accel", accel, "-append", f"count {LINES}; exit 5", run_dir=run_dir) as vm:
         vm.wait_for("000100")
         pids = []
         for _ in range(3):
@@ -42,13 +41,10 @@ def test_kill_9_serial_mid_stream_loses_and_doubles_nothing(accel, run_dir):
         assert after["pid"] not in pids
         assert vm.wait(180) == 5
         assert stream_text(vm) == expected_stream(LINES)
-    finally:
-        vm.close()
 
 
 def test_stalled_backend_stop_and_cont(run_dir):
-    vm = VM("-append", f"count {LINES}; exit 6", run_dir=run_dir)
-    try:
+    with VM("-append", f"count {LINES}; exit 6", run_dir=run_dir) as vm:
         vm.wait_for("000100")
         assert monitor(run_dir, "backend stop serial0").strip() == "serial0: stopped"
         assert f"{LINES - 1:06d}" not in vm.text  # stalled mid-stream
@@ -62,14 +58,11 @@ def test_stalled_backend_stop_and_cont(run_dir):
         assert monitor(run_dir, "backend cont serial0").strip() == "serial0: continued"
         assert vm.wait(180) == 6
         assert stream_text(vm) == expected_stream(LINES)
-    finally:
-        vm.close()
 
 
 def test_backend_that_keeps_dying_is_failed_and_reads_all_ones(run_dir):
     """After repeated deaths the backend is marked failed; its accesses complete with all-ones."""
-    vm = VM("-append", "count 100000; exit 8", run_dir=run_dir)
-    try:
+    with VM("-append", "count 100000; exit 8", run_dir=run_dir) as vm:
         vm.wait_for("000050")
         state = None
         for _ in range(12):
@@ -88,5 +81,3 @@ def test_backend_that_keeps_dying_is_failed_and_reads_all_ones(run_dir):
         assert text.splitlines()[1].split()[3] == "failed"
         # The guest is not hung: it finishes its count writing to a dead port, then exits.
         assert vm.wait(240) == 8
-    finally:
-        vm.close()

@@ -12,8 +12,7 @@ from vmutil import ROOT, VM, env, monitor, processes_mentioning, splitvm_cmd, wa
 
 @pytest.mark.parametrize("accel", accels())
 def test_shell_commands_and_exit_code(accel, run_dir):
-    vm = VM("-accel", accel, "-m", "256M", "-nographic", "-serial", "stdio", run_dir=run_dir)
-    try:
+    with VM("-accel", accel, "-m", "256M", "-nographic", "-serial", "stdio", run_dir=run_dir) as vm:
         vm.wait_for("splitvm> ")
         assert vm.command("echo hello   splitvm world") == "hello splitvm world"
         assert vm.command("mem") == "RAM: 256 MiB"
@@ -22,8 +21,6 @@ def test_shell_commands_and_exit_code(accel, run_dir):
         assert vm.command("frobnicate") == "unknown command: frobnicate"
         vm.send("exit 42")
         assert vm.wait() == 42
-    finally:
-        vm.close()
 
 
 @pytest.mark.parametrize("accel", accels())
@@ -125,8 +122,7 @@ def test_shipped_configs_parse():
 
 
 def test_monitor_text_and_json(run_dir):
-    vm = VM(run_dir=run_dir)
-    try:
+    with VM(run_dir=run_dir) as vm:
         vm.wait_for("splitvm> ")
         assert vm.command("echo warm") == "warm"
         text = monitor(run_dir, "info backends")
@@ -143,8 +139,6 @@ def test_monitor_text_and_json(run_dir):
         assert json.loads(monitor(run_dir, '{"execute": "backend kill nothere"}'))["error"].startswith("no backend")
         monitor(run_dir, "quit")
         assert vm.wait() == 0
-    finally:
-        vm.close()
 
 
 def test_monitor_stdio_takes_lines():
@@ -187,19 +181,15 @@ def test_sigkill_of_splitvm_ends_every_child(run_dir):
 
 
 def test_sigterm_ends_cleanly(run_dir):
-    vm = VM(run_dir=run_dir)
-    try:
+    with VM(run_dir=run_dir) as vm:
         vm.wait_for("splitvm> ")
         vm.proc.send_signal(signal.SIGTERM)
         assert vm.wait(20) == 0
         assert "terminating on signal 15" in vm.err.decode()
-    finally:
-        vm.close()
 
 
 def test_unowned_ports_read_all_ones_and_count(run_dir):
-    vm = VM(run_dir=run_dir)
-    try:
+    with VM(run_dir=run_dir) as vm:
         vm.wait_for("splitvm> ")
         before = json.loads(monitor(run_dir, '{"execute": "info exits"}'))["return"]["unowned"]
         assert vm.command("in 0x80") == "0xff"  # nobody owns port 0x80
@@ -212,8 +202,6 @@ def test_unowned_ports_read_all_ones_and_count(run_dir):
         assert after["mmio_read"] == before["mmio_read"] + 1
         vm.send("exit 0")
         assert vm.wait() == 0
-    finally:
-        vm.close()
 
 def test_systemd_unit_runs_a_vm_the_way_it_says(tmp_path):
     """ExecStart of deploy/splitvm@.service, with %i filled in, parses and boots."""

@@ -115,7 +115,14 @@ class VM:
             for t in self.threads:
                 t.join(2)
 
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """End splitvm (SIGTERM, then SIGKILL) and check it left no process or run directory."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

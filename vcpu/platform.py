@@ -18,6 +18,8 @@ SIGNATURE = 0x4D565053  # 'SPVM'
 PORT_SIGNATURE, PORT_EXIT, PORT_WAIT, PORT_INFO_SELECT, PORT_INFO_DATA, PORT_CMDLINE = (
     0x500, 0x504, 0x508, 0x50C, 0x510, 0x514,
 )
+PORT_NAMES = {PORT_SIGNATURE: "signature", PORT_EXIT: "exit", PORT_WAIT: "wait", PORT_INFO_SELECT: "info",
+              PORT_INFO_DATA: "info", PORT_CMDLINE: "cmdline"}
 INFO_RAM_LO, INFO_RAM_HI, INFO_NCPUS, INFO_TSC_KHZ, INFO_CMDLINE_LEN = range(5)
 MAX_WAIT_US = 1_000_000
 CMDLINE_MAX = 4096  # the firmware's command-line buffer, NUL included (vcpu/guest/main.c)
@@ -37,6 +39,7 @@ class PlatformPorts:
         self.irq = irq
         self.select = 0
         self.cmdline_pos = 0
+        self.accesses = dict.fromkeys(PORT_NAMES.values(), 0)  # per port, for info exits
 
     def owns(self, port: int) -> bool:
         return PLATFORM_BASE <= port < PLATFORM_BASE + PLATFORM_LEN
@@ -51,7 +54,13 @@ class PlatformPorts:
             INFO_CMDLINE_LEN: len(b.cmdline),
         }.get(item, 0)
 
+    def count(self, port: int) -> None:
+        name = PORT_NAMES.get(port)
+        if name is not None:
+            self.accesses[name] += 1
+
     def read(self, port: int, size: int) -> int:
+        self.count(port)
         if port == PORT_SIGNATURE:
             return SIGNATURE
         if port == PORT_WAIT:
@@ -66,6 +75,7 @@ class PlatformPorts:
         return (1 << (8 * size)) - 1
 
     def write(self, port: int, size: int, value: int) -> None:
+        self.count(port)
         if port == PORT_EXIT:
             raise GuestExit(value & 0xFF)
         if port == PORT_WAIT:

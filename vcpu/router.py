@@ -232,4 +232,5 @@ class Router:
             self.trace.write(line)
 
     def exit_stats(self) -> dict:
-        return {"devices": {n: s.summary() for n, s in self.stats.items()}, "unowned": dict(self.unowned)}
+        return {"devices": {n: s.summary() for n, s in self.stats.items()}, "unowned": dict(self.unowned),
+                "platform": dict(self.platform.accesses)}
