@@ -17,7 +17,7 @@
 #define QSIZE_MAX 256
 #define SLOTS BLK_MAX_QD
 #define TIMEOUT_MS 5000
-#define SPIN_US 300 /* poll the used ring this long before sleeping */
+#define SPIN_US 1000 /* poll the used ring this long before sleeping */
 #define SLEEP_US 1000 /* a sleep ends sooner on the device's interrupt */
 
 /* PCI capability types (4.1.4). */
