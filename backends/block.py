@@ -22,6 +22,7 @@ dirty cached pages of its range, a direct write drops them.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -36,6 +37,7 @@ DIRECT_MODES = ("none", "directsync")
 PROBE_SIZES = (512, 1024, 2048, 4096)
 
 _ffi = cffi.FFI()
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class BlockImageError(OSError):
@@ -129,6 +131,25 @@ def probe_alignment(fd: int) -> int:
                     raise
             return size
     raise BlockImageError(f"O_DIRECT refuses every alignment up to {max(PROBE_SIZES)} bytes")
+
+
+def cached_pages(path: str | os.PathLike) -> tuple[int, int]:
+    """(pages of the file in the host page cache, pages of the file), by mincore(2) on a
+    read-only mapping: what cache=none promises to leave alone, and what the disk
+    benchmark reports, since "in the page cache" is a claim about the host."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    if size == 0:
+        return 0, 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        vec = (ctypes.c_ubyte * pages)()
+        buf = _ffi.from_buffer(m)
+        try:
+            if _libc.mincore(ctypes.c_void_p(int(_ffi.cast("uintptr_t", buf))), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            _ffi.release(buf)
+    return sum(v & 1 for v in vec), pages
 
 
 def _address(buf: memoryview) -> int:

@@ -3,31 +3,20 @@ and whether the host page cache holds the image afterwards (mincore(2))."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
 
-import cffi
 import pytest
 
 from backends.block import CACHE_MODES, BlockImage, probe_alignment
+from backends.block import cached_pages as block_cached_pages
 
 MiB = 1 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-ffi = cffi.FFI()
 
 
 def cached_pages(path) -> int:
-    """How many of the file's pages are in the host page cache (mincore on a mapping)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
-        vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
-        addr = ffi.cast("uintptr_t", ffi.from_buffer(m))
-        if _libc.mincore(ctypes.c_void_p(int(addr)), ctypes.c_size_t(size), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore")
-        del addr
-        return sum(v & 1 for v in vec)
+    return block_cached_pages(path)[0]
 
 
 def evict(path) -> None:
