@@ -73,7 +73,8 @@ CMD_DIAGNOSTIC, CMD_INIT_PARAMS = 0x90, 0x91
 CMD_PACKET, CMD_IDENTIFY_PACKET = 0xA0, 0xA1
 CMD_READ_MULTIPLE, CMD_WRITE_MULTIPLE, CMD_SET_MULTIPLE = 0xC4, 0xC5, 0xC6
 CMD_READ_DMA, CMD_WRITE_DMA = 0xC8, 0xCA
-CMD_POWER = (0xE0, 0xE1, 0xE2, 0xE3)  # STANDBY/IDLE (IMMEDIATE): no spindle to stop
+CMD_POWER = (0xE0, 0xE1, 0xE2, 0xE3, 0xE6)  # STANDBY/IDLE (IMMEDIATE), SLEEP: no spindle to stop
+# (the Power Management feature set of ATA8-ACS; a sleeping device need not refuse access here)
 CMD_CHECK_POWER, CMD_FLUSH, CMD_FLUSH_EXT = 0xE5, 0xE7, 0xEA
 CMD_IDENTIFY, CMD_SET_FEATURES, CMD_READ_NATIVE_MAX = 0xEC, 0xEF, 0xF8
 
@@ -210,6 +211,7 @@ class Channel:
         self.dma_unit = -1  # the drive whose DMA command is armed, -1: none
         self.dma_to_image = False
         self.dma_atapi = False
+        self.dma_reply = False  # the source is the drive's reply buffer (an ATAPI reply), not the image
         self.dma_offset = self.dma_total = self.dma_done = 0
         self.prd_index = self.prd_off = 0
 
@@ -219,7 +221,7 @@ class Channel:
         return self.dma_unit >= 0 and bool(self.bm_cmd & BM_START)
 
     SNAP = ("unit", "devctl", "pending", "level", "bm_cmd", "bm_status", "bm_prd", "dma_unit",
-            "dma_to_image", "dma_atapi", "dma_offset", "dma_total", "dma_done", "prd_index", "prd_off")
+            "dma_to_image", "dma_atapi", "dma_reply", "dma_offset", "dma_total", "dma_done", "prd_index", "prd_off")
 
     def snapshot(self) -> dict:
         s: dict = {k: getattr(self, k) for k in self.SNAP}
@@ -260,13 +262,14 @@ def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: 
     w[64] = 0x0003  # PIO modes 3 and 4
     w[65:69] = [120, 120, 120, 120]
     w[80] = 0x007E  # bits 1-6: ATA-1 .. ATA/ATAPI-6 (bits 1-3 are obsolete in ATA8-ACS)
-    # NOP (00h, implemented: it aborts, as ATA8-ACS 7.20 requires), look-ahead, write cache. Word
-    # 85 repeats them as enabled: NOP cannot be disabled, and a feature that is supported and
-    # cannot be disabled "is defined as supported and the bit shall be set to one" (7.16.7.35).
-    w[82] = (1 << 14) | (1 << 6) | (1 << 5)
+    # NOP (00h, implemented: it aborts, as ATA8-ACS 7.20 requires), look-ahead, write cache, and
+    # the Power Management feature set (bit 3: CHECK POWER MODE, IDLE, STANDBY, SLEEP are served). Word
+    # 85 repeats them as enabled: NOP and PM cannot be disabled, and a feature that is supported
+    # and cannot be disabled "is defined as supported and the bit shall be set to one" (7.16.7.35).
+    w[82] = (1 << 14) | (1 << 6) | (1 << 5) | (1 << 3)
     w[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10)  # FLUSH CACHE (EXT), 48-bit address
     w[84] = 1 << 14
-    w[85] = (1 << 14) | (1 << 6) | (1 << 5)
+    w[85] = (1 << 14) | (1 << 6) | (1 << 5) | (1 << 3)
     w[86] = (1 << 13) | (1 << 12) | (1 << 10)
     w[87] = 1 << 14
     w[93] = atapi.hardware_reset_word(unit, peer_present)
@@ -767,6 +770,16 @@ class PiixIde:
             self._arm_dma(ch, d, res.read_lba * atapi.CD_BLOCK, res.read_blocks * atapi.CD_BLOCK,
                           to_image=False, is_atapi=True)
             return
+        if res.data and dma:
+            # The host asked for DMA (Features bit 0, ATA8-ACS 7.22.3): a reply (INQUIRY, MODE
+            # SENSE...) moves by DMA too, from the reply buffer; a driver waiting on the bus
+            # master would never see it offered by PIO.
+            d.end_transfer()
+            d.buf[: len(res.data)] = res.data
+            d.fill = len(res.data)
+            self._arm_dma(ch, d, 0, len(res.data), to_image=False, is_atapi=True)
+            ch.dma_reply = True
+            return
         if not res.data and not res.read_blocks:
             self._atapi_done(ch, d)
             return
@@ -962,10 +975,16 @@ class PiixIde:
             self._dma_finish(ch, "bus_error")
             return
         views, got, idx, off, eot = gathered
-        image = ch.drives[ch.dma_unit].spec.image
+        d = ch.drives[ch.dma_unit]
+        image = d.spec.image
         pos = ch.dma_offset + ch.dma_done
         try:
-            if ch.dma_to_image:
+            if ch.dma_reply:
+                reply = memoryview(d.buf)[pos : pos + got]
+                for v in views:
+                    v[:] = reply[: len(v)]
+                    reply = reply[len(v) :]
+            elif ch.dma_to_image:
                 image.write_from(pos, views)
             else:
                 image.read_into(pos, views)

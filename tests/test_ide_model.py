@@ -205,6 +205,7 @@ def test_nop_aborts_and_is_advertised(mem, disk, cd):
     g = make(mem, [disk_spec(disk), None, cd_spec(cd), None])
     w = identify_words(g, 0xE0)
     assert w[82] & (1 << 14) and w[85] & (1 << 14)  # NOP supported, in both words (85 was 0)
+    assert w[82] & (1 << 3) and w[85] & (1 << 3)  # Power Management: CHECK POWER MODE, IDLE, STANDBY
     for sub in (0x00, 0x01, 0x5A):  # NOP, NOP Auto Poll, reserved: all abort (Table 26)
         g.command(0x00, lba=0x123456, count=0x42, feature=sub)
         assert g.irq14.level
@@ -777,3 +778,21 @@ def test_atapi_dma_read(mem, cd):
     assert mem.read(DMA_BUF, 4 * 2048) == cd.read(10 * 2048, 4 * 2048)
     assert g.inb(NSECT) == 0x03 and g.irq15.level
     assert g.ide.bar_access(4, 10, 1, False, b"")[0] & 0x07 == 0x04
+
+
+def test_atapi_reply_by_dma_when_the_packet_asks_for_dma(mem, cd):
+    """PACKET with Features bit 0 (DMA): INQUIRY's reply comes through the bus master too,
+    into the PRD buffer, with the PACKET completion (I/O and C/D set) and INTRQ."""
+    g = on_secondary(cd_guest(mem, cd))
+    g.outb(DEVICE, 0xA0)
+    mem.write(DMA_BUF, b"\xee" * 96)
+    write_prds(mem, [(DMA_BUF, 96)])
+    g.ide.bar_access(4, 8 + 4, 4, True, PRD_TABLE.to_bytes(4, "little"))
+    g.ide.bar_access(4, 8, 1, True, b"\x09")
+    packet(g, bytes([0x12, 0, 0, 0, 36]), dma=True)
+    assert not g.irq15.level  # no PIO data block offered: the bus master moves it
+    g.run_work()
+    inq = mem.read(DMA_BUF, 96)
+    assert inq[0] == 5 and inq[8:16] == b"SPLITVM " and inq[36:] == b"\xee" * 60
+    assert g.inb(NSECT) == 0x03 and g.irq15.level
+    assert g.ide.bar_access(4, 10, 1, False, b"")[0] & 0x07 == 0x05  # PRDs longer: Active + Interrupt
