@@ -74,7 +74,7 @@ CMD_PACKET, CMD_IDENTIFY_PACKET = 0xA0, 0xA1
 CMD_READ_MULTIPLE, CMD_WRITE_MULTIPLE, CMD_SET_MULTIPLE = 0xC4, 0xC5, 0xC6
 CMD_READ_DMA, CMD_WRITE_DMA = 0xC8, 0xCA
 CMD_POWER = (0xE0, 0xE1, 0xE2, 0xE3, 0xE6)  # STANDBY/IDLE (IMMEDIATE), SLEEP: no spindle to stop
-# (the Power Management feature set of ATA8-ACS; a sleeping device need not refuse access here)
+# (the Power Management feature set, ATA8-ACS 4.16; a sleeping device need not refuse access here)
 CMD_CHECK_POWER, CMD_FLUSH, CMD_FLUSH_EXT = 0xE5, 0xE7, 0xEA
 CMD_IDENTIFY, CMD_SET_FEATURES, CMD_READ_NATIVE_MAX = 0xEC, 0xEF, 0xF8
 
@@ -115,7 +115,7 @@ class Drive:
     REGS = ("error", "feature", "nsector", "sector", "lcyl", "hcyl",
             "hob_feature", "hob_nsector", "hob_sector", "hob_lcyl", "hob_hcyl", "select", "status")
     STATE = ("xfer", "pos", "end", "fill", "lba", "remaining", "block", "mult_block", "lba48", "bcl",
-             "packet_dma", "mult", "mwdma", "udma", "sense_key", "asc")
+             "packet_dma", "mult", "mwdma", "udma", "sense_key", "asc", "wce")
 
     def __init__(self, spec: IdeDriveSpec | None, unit: int) -> None:
         self.spec = spec
@@ -128,6 +128,9 @@ class Drive:
         self.mult = MAX_MULT
         self.mwdma = self.udma = -1
         self.sense_key = self.asc = 0
+        # Volatile write cache enabled (SET FEATURES 02h/82h, IDENTIFY word 85 bit 5). Off by
+        # default when the image is write-through (-drive cache=writethrough|directsync), as QEMU.
+        self.wce = spec is None or not write_through(spec.image)
 
     @property
     def present(self) -> bool:
@@ -235,8 +238,13 @@ class Channel:
             d.restore(ds)
 
 
+def write_through(image: object) -> bool:
+    """Is every completed write to this image already on stable storage (O_DSYNC)?"""
+    return getattr(image, "cache", "writeback") in ("writethrough", "directsync")
+
+
 def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: int, unit: int,
-                 peer_present: bool) -> list[int]:
+                 peer_present: bool, wce: bool = True) -> list[int]:
     """The 256 words of IDENTIFY DEVICE data (ATA8-ACS 7.16.7, Table 21; the CHS words 1, 3, 6
     and 54-58 that ACS marks obsolete are as ATA/ATAPI-6 8.15 defines them). `unit` (0/1) and
     `peer_present` (the other device of the channel exists) shape word 93."""
@@ -269,7 +277,7 @@ def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: 
     w[82] = (1 << 14) | (1 << 6) | (1 << 5) | (1 << 3)
     w[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10)  # FLUSH CACHE (EXT), 48-bit address
     w[84] = 1 << 14
-    w[85] = (1 << 14) | (1 << 6) | (1 << 5) | (1 << 3)
+    w[85] = (1 << 14) | (1 << 6) | (int(wce) << 5) | (1 << 3)  # bit 5: the write cache as set now
     w[86] = (1 << 13) | (1 << 12) | (1 << 10)
     w[87] = 1 << 14
     w[93] = atapi.hardware_reset_word(unit, peer_present)
@@ -499,8 +507,21 @@ class PiixIde:
         if d.remaining:
             self._start_block(d, min(d.remaining, d.mult_block) * SECTOR, X_ATA_OUT)
             self._raise(ch)  # ATA/ATAPI-6 9.6: an interrupt for each block but the first ...
-        else:
+        elif self._writes_landed(ch, d):
             self._complete(ch, d)  # ... and after the last one
+
+    def _writes_landed(self, ch: Channel, d: Drive) -> bool:
+        """Before a write command completes with the write cache disabled, its data must be on
+        stable storage: fdatasync (unless the image is already write-through). Aborts and
+        returns False if that fails. A replay after a restart syncs again: harmless."""
+        if d.wce or write_through(d.spec.image):
+            return True
+        try:
+            d.spec.image.flush()
+        except OSError:
+            self._abort(ch, d)
+            return False
+        return True
 
     def _start_block(self, d: Drive, nbytes: int, xfer: str) -> None:
         """Offer buf[:nbytes] (or ask for it) as one DRQ block."""
@@ -578,7 +599,7 @@ class PiixIde:
 
     def _cmd_identify(self, ch: Channel, d: Drive, cmd: int) -> None:
         peer = ch.drives[1 - d.unit].present
-        words = ata_identify(d.spec, d.sectors, d.mult, d.mwdma, d.udma, d.unit, peer)
+        words = ata_identify(d.spec, d.sectors, d.mult, d.mwdma, d.udma, d.unit, peer, d.wce)
         self._reply(ch, d, words_to_bytes(words))
 
     def _cmd_identify_packet(self, ch: Channel, d: Drive, cmd: int) -> None:
@@ -628,8 +649,16 @@ class PiixIde:
             else:
                 self._abort(ch, d)
                 return
+        elif d.feature in (0x02, 0x82) and not d.cdrom:
+            # Enable/disable the write cache (ATA8-ACS 7.47.4; word 85 bit 5, 7.16.7.35). Disabling
+            # it "shall initiate the sequence to flush cache to non-volatile memory before command
+            # completion"; from then on a write completes only once it is on stable storage
+            # (_writes_landed).
+            d.wce = d.feature == 0x02
+            if not d.wce and not self._writes_landed(ch, d):
+                return
         elif d.feature not in (0x02, 0x82, 0x55, 0xAA, 0x66, 0xCC):
-            # write cache on/off, look-ahead off/on, revert to defaults off/on: all no-ops
+            # look-ahead off/on, revert to defaults off/on: no-ops
             self._abort(ch, d)
             return
         self._complete(ch, d)
@@ -1008,7 +1037,7 @@ class PiixIde:
         RAM, or no end of table within a page: a PCI master abort on real hardware): Error, not
         Active, no interrupt; "device_error" (the image failed)."""
         d = ch.drives[ch.dma_unit]
-        is_atapi = ch.dma_atapi
+        is_atapi, wrote = ch.dma_atapi, ch.dma_to_image
         ch.clear_dma()
         if how == "bus_error":
             # Error conditions (82801AA 5.14.2.6, ICH7 5.16.2.5; PIIX4 BMISx bit 1: Error on a
@@ -1042,7 +1071,8 @@ class PiixIde:
             self._atapi_done(ch, d)
         else:
             self._set_address(d, (ch.dma_offset + ch.dma_total) // SECTOR)
-            self._complete(ch, d)
+            if not wrote or self._writes_landed(ch, d):
+                self._complete(ch, d)
 
     # -- snapshot -------------------------------------------------------------------------
     def snapshot(self) -> dict:

@@ -796,3 +796,74 @@ def test_atapi_reply_by_dma_when_the_packet_asks_for_dma(mem, cd):
     assert inq[0] == 5 and inq[8:16] == b"SPLITVM " and inq[36:] == b"\xee" * 60
     assert g.inb(NSECT) == 0x03 and g.irq15.level
     assert g.ide.bar_access(4, 10, 1, False, b"")[0] & 0x07 == 0x05  # PRDs longer: Active + Interrupt
+
+
+class CountingImage(BlockImage):
+    """A real image that counts its flushes (fdatasync)."""
+
+    def __init__(self, fd: int, cache: str = "writeback") -> None:
+        super().__init__(fd, cache=cache)
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.parametrize("dma", [False, True])
+def test_write_cache_disabled_means_each_write_is_flushed(mem, tmp_path, dma):
+    """SET FEATURES 82h: the drive flushes at once and then completes a write only when it is
+    on stable storage (ATA8-ACS 7.47.4); IDENTIFY word 85 bit 5 says which (7.16.7.35).
+    02h turns the cache back on: writes complete without a flush."""
+    plain = make_image(tmp_path / "d.img", 1 << 20)
+    img = CountingImage(plain.fd)
+    try:
+        g = make(mem, [disk_spec(img), None, None, None])
+        assert identify_words(g, 0xA0)[85] & (1 << 5)
+
+        def write(lba: int) -> None:
+            data = os.urandom(4 * 512)
+            if dma:
+                mem.write(DMA_BUF, data)
+                write_prds(mem, [(DMA_BUF, len(data))])
+                g.command(0xCA, lba=lba, count=4)
+                start_dma(g, False)
+                g.run_work()
+                g.bm_out(0, 1, 0)
+            else:
+                g.command(0x30, lba=lba, count=4)
+                for i in range(4):
+                    g.outsw(data[i * 512 : (i + 1) * 512])
+            assert g.inb(STATUS) == DRDY | 0x10
+            assert img.read(lba * 512, len(data)) == data
+
+        write(8)
+        assert img.flushes == 0
+        g.command(0xEF, feature=0x82)
+        assert g.inb(STATUS) == DRDY | 0x10 and img.flushes == 1  # the cache flushed on the way off
+        assert not identify_words(g, 0xA0)[85] & (1 << 5)
+        write(16)
+        write(24)
+        assert img.flushes == 3
+        g.command(0xEF, feature=0x02)
+        write(32)
+        assert img.flushes == 3 and identify_words(g, 0xA0)[85] & (1 << 5)
+    finally:
+        os.close(plain.fd)
+
+
+def test_write_through_image_reports_no_write_cache(mem, tmp_path):
+    """-drive cache=writethrough: every write is already on stable storage (O_DSYNC), so the
+    drive says its write cache is off, as QEMU's does, and needs no flush per write."""
+    path = tmp_path / "wt.img"
+    path.write_bytes(bytes(1 << 20))
+    img = CountingImage(os.open(path, os.O_RDWR | os.O_DSYNC), cache="writethrough")
+    try:
+        g = make(mem, [disk_spec(img), None, None, None])
+        assert not identify_words(g, 0xA0)[85] & (1 << 5)
+        g.command(0x30, lba=1, count=1)
+        g.outsw(b"\x77" * 512)
+        assert g.inb(STATUS) == DRDY | 0x10 and img.flushes == 0
+        assert path.read_bytes()[512:1024] == b"\x77" * 512
+    finally:
+        os.close(img.fd)
