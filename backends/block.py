@@ -60,6 +60,12 @@ class BlockImage:
             self.align = probe_alignment(fd)
 
     @property
+    def write_through(self) -> bool:
+        """Is every completed write already on stable storage (O_DSYNC: writethrough, directsync)?
+        A device then has no volatile write cache to report or flush."""
+        return self.cache in ("writethrough", "directsync")
+
+    @property
     def sectors(self) -> int:
         return self.size // self.sector_size
 

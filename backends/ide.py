@@ -130,7 +130,7 @@ class Drive:
         self.sense_key = self.asc = 0
         # Volatile write cache enabled (SET FEATURES 02h/82h, IDENTIFY word 85 bit 5). Off by
         # default when the image is write-through (-drive cache=writethrough|directsync), as QEMU.
-        self.wce = spec is None or not write_through(spec.image)
+        self.wce = spec is None or not spec.image.write_through
 
     @property
     def present(self) -> bool:
@@ -236,11 +236,6 @@ class Channel:
             setattr(self, k, s[k])
         for d, ds in zip(self.drives, s["drives"], strict=True):
             d.restore(ds)
-
-
-def write_through(image: object) -> bool:
-    """Is every completed write to this image already on stable storage (O_DSYNC)?"""
-    return getattr(image, "cache", "writeback") in ("writethrough", "directsync")
 
 
 def ata_identify(spec: IdeDriveSpec, sectors: int, mult: int, mwdma: int, udma: int, unit: int,
@@ -514,7 +509,7 @@ class PiixIde:
         """Before a write command completes with the write cache disabled, its data must be on
         stable storage: fdatasync (unless the image is already write-through). Aborts and
         returns False if that fails. A replay after a restart syncs again: harmless."""
-        if d.wce or write_through(d.spec.image):
+        if d.wce or d.spec.image.write_through:
             return True
         try:
             d.spec.image.flush()

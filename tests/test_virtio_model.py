@@ -725,3 +725,67 @@ def test_used_no_notify_while_polling_then_kicks_reenabled(blk, mem):
     now[0] += 2 * vpci.IDLE_POLL_NS
     assert blk.work() is False  # once the window has passed, the device goes idle
     assert used_flags() & 1 == 0  # kicks are wanted again
+
+
+# -- cache mode (VIRTIO_BLK_F_CONFIG_WCE) -------------------------------------------------------
+class CountingImage(BlockImage):
+    def __init__(self, fd: int, cache: str = "writeback") -> None:
+        super().__init__(fd, cache=cache)
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def writeback_field(d: Driver) -> int:
+    from backends.virtio.blk import WRITEBACK_OFF
+
+    return d.rd(MODERN, vpci.DEVICE_OFF + WRITEBACK_OFF, 1)
+
+
+def set_writeback(d: Driver, value: int) -> None:
+    from backends.virtio.blk import WRITEBACK_OFF
+
+    d.wr(MODERN, vpci.DEVICE_OFF + WRITEBACK_OFF, 1, value)
+
+
+def test_config_wce_writethrough_flushes_every_write(mem, image_path, fds):
+    """5.2.4/5.2.5: with VIRTIO_BLK_F_CONFIG_WCE the driver may set `writeback` to 0; each write
+    then completes only once it is on stable storage (fdatasync before the used entry). A
+    driver that did not negotiate the feature cannot change it; a reset restores it."""
+    from backends.virtio.blk import VIRTIO_BLK_F_CONFIG_WCE
+
+    fd = os.open(image_path, os.O_RDWR)
+    fds.append(fd)
+    img = CountingImage(fd)
+    dev = VirtioBlk(mem, img, Irq())
+    d = Driver(dev, mem)
+    assert d.init_modern()
+    assert d.offered & VIRTIO_BLK_F_CONFIG_WCE and d.offered & VIRTIO_BLK_F_FLUSH  # 5.2.5.1: FLUSH too
+    assert writeback_field(d) == 1
+    d.submit([d.request(VIRTIO_BLK_T_OUT, 4, b"\x11" * 512)])
+    assert img.flushes == 0
+    set_writeback(d, 0)
+    assert writeback_field(d) == 0
+    reqs = [d.request(VIRTIO_BLK_T_OUT, 8 + i, bytes([i]) * 512) for i in range(3)]
+    d.submit(reqs)
+    assert [d.status_of(r) for r in reqs] == [VIRTIO_BLK_S_OK] * 3 and img.flushes == 3
+    assert image_path.read_bytes()[8 * 512 : 11 * 512] == b"\x00" * 512 + b"\x01" * 512 + b"\x02" * 512
+    d.submit([d.request(VIRTIO_BLK_T_IN, 8, 512)])
+    assert img.flushes == 3  # reads need none
+    assert d.init_modern(features=d.offered & ~VIRTIO_BLK_F_CONFIG_WCE)  # a reset, then no CONFIG_WCE
+    assert writeback_field(d) == 1
+    set_writeback(d, 0)
+    assert writeback_field(d) == 1
+
+
+def test_writethrough_image_reports_writeback_0(mem, image_path, fds):
+    fd = os.open(image_path, os.O_RDWR | os.O_DSYNC)
+    fds.append(fd)
+    img = CountingImage(fd, cache="writethrough")
+    d = Driver(VirtioBlk(mem, img, Irq()), mem)
+    assert d.init_modern()
+    assert writeback_field(d) == 0
+    d.submit([d.request(VIRTIO_BLK_T_OUT, 1, b"\x22" * 512)])
+    assert img.flushes == 0  # O_DSYNC already made it durable

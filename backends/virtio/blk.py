@@ -35,6 +35,7 @@ VIRTIO_BLK_PCI_DEVICE = 0x1001  # transitional virtio-blk (4.1.2.3)
 VIRTIO_BLK_CLASS = 0x010000  # mass storage, SCSI (what QEMU reports)
 # Feature bits (5.2.3).
 VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH = 1 << 2, 1 << 5, 1 << 6, 1 << 9
+VIRTIO_BLK_F_CONFIG_WCE = 1 << 11  # the cache mode is in config `writeback`, and the driver may set it
 # Request types and status values (5.2.6).
 VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID = 0, 1, 4, 8
 VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP = 0, 1, 2
@@ -53,6 +54,7 @@ struct virtio_blk_config {
     uint8_t writeback; uint8_t unused0; uint16_t num_queues;
 };
 """)
+WRITEBACK_OFF = ffi.offsetof("struct virtio_blk_config", "writeback")
 
 
 def _split(views: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
@@ -89,8 +91,11 @@ class VirtioBlk(VirtioPciFunction):
         cfg.seg_max = queue_max - 2  # a request also needs its header and status
         cfg.blk_size = SECTOR
         cfg.num_queues = 1
-        self._config = bytes(ffi.buffer(cfg))
-        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        self._config = cfg
+        # 5.2.4: writeback 1 = a writeback cache (a completed write may still be volatile until
+        # FLUSH), 0 = writethrough. A write-through image (O_DSYNC) starts at 0, as QEMU's does.
+        self.writeback = not image.write_through
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE
         if self.readonly:
             features |= VIRTIO_BLK_F_RO
         super().__init__(mem, irq, virtio_type=VIRTIO_ID_BLOCK, pci_device=VIRTIO_BLK_PCI_DEVICE,
@@ -98,7 +103,23 @@ class VirtioBlk(VirtioPciFunction):
                          irq_line=irq_line)
 
     def config_bytes(self) -> bytes:
-        return self._config
+        self._config.writeback = int(self.writeback)
+        return bytes(ffi.buffer(self._config))
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """The one writable field: `writeback`, once VIRTIO_BLK_F_CONFIG_WCE is negotiated (5.2.5)."""
+        at = WRITEBACK_OFF - offset
+        if self.driver_features & VIRTIO_BLK_F_CONFIG_WCE and 0 <= at < len(data):
+            self.writeback = bool(data[at] & 1)
+
+    def device_reset(self) -> None:
+        self.writeback = not self.image.write_through
+
+    def device_snapshot(self) -> dict:
+        return {"writeback": self.writeback}
+
+    def device_restore(self, state: dict) -> None:
+        self.writeback = bool(state["writeback"])
 
     def process_queue(self, index: int) -> bool:
         """Complete what was in flight when this call began, then take (record only) the
@@ -145,6 +166,8 @@ class VirtioBlk(VirtioPciFunction):
         try:
             if write:
                 self.image.write_from(offset, buffers)
+                if not self.writeback and not self.image.write_through:
+                    self.image.flush()  # writethrough: OK only once the data is on stable storage
             else:
                 self.image.read_into(offset, buffers)
         except OSError:
