@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Drive:
     readonly: bool = False
     cache: str = "writeback"
     serial: str = ""
+    id: str = ""  # QEMU's drive id; by default ide0-hd0 / ide1-cd0 / virtio0, as QEMU names them
     opt: str = "-drive"
     fd: int = -1
 
@@ -53,6 +55,7 @@ class Drive:
             "serial": self.serial or f"SV{self.default_serial()}",
             "model": f"SPLITVM {'DVD-ROM' if self.media == 'cdrom' else 'HARDDISK'}",
             "sector_size": CD_SECTOR if self.media == "cdrom" else DISK_SECTOR, "file": name, "cache": self.cache,
+            "id": self.id, "path": str(self.file.resolve()),
         }
 
 
@@ -95,6 +98,9 @@ def parse_drive(opt: str, text: str) -> Drive:
     d.cache = props.get("cache", "writeback")
     if d.cache not in CACHE_MODES:
         raise UsageError(f"{opt}: cache={d.cache} (one of {', '.join(CACHE_MODES)})")
+    d.id = props.get("id", "")
+    if d.id and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", d.id):
+        raise UsageError(f"{opt}: id={d.id} (a letter, then letters, digits, '-', '.', '_')")
     d.serial = props.get("serial", "")
     if len(d.serial) > 20 or not all(32 < ord(c) < 127 for c in d.serial):
         raise UsageError(f"{opt}: serial= is at most 20 printable characters")
@@ -106,6 +112,21 @@ def shorthand(opt: str, path: str) -> Drive:
     if opt == "-cdrom":
         return Drive(Path(path).expanduser(), "ide", 2, "cdrom", True, opt=opt)
     return Drive(Path(path).expanduser(), "ide", "abcd".index(opt[-1]), "disk", opt=opt)
+
+
+def name_drives(drives: list[Drive], ide: list[Drive | None]) -> None:
+    """Give each drive without id= QEMU's default one; two drives may not share an id."""
+    for i, d in enumerate(ide):
+        if d is not None and not d.id:
+            d.id = f"ide{i // 2}-{'cd' if d.media == 'cdrom' else 'hd'}{i % 2}"
+    for n, d in enumerate(d for d in drives if d.interface == "virtio"):
+        if not d.id:
+            d.id = f"virtio{n}"
+    seen: set[str] = set()
+    for d in drives:
+        if d.id in seen:
+            raise UsageError(f"{d.opt}: id={d.id} is already used by another drive")
+        seen.add(d.id)
 
 
 def assign_ide_indexes(drives: list[Drive]) -> list[Drive | None]:

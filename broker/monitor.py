@@ -19,6 +19,7 @@ help                          this list
 info backends                 name, kind, pid, state, restarts, requests served, all-ones completions
 info pci                      PCI functions, their IDs, IRQ and BARs
 info exits                    trapped accesses per device: count, median and p99 round trip (us)
+info block                    drives: id, image, format, cache mode, which device and guest name
 backend kill|stop|cont|restart NAME
                               SIGKILL (the supervisor restarts it), SIGSTOP, SIGCONT, fresh restart
 quit                          end the VM"""
@@ -80,6 +81,56 @@ def info_backends_text(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+IDE_POSITIONS = ("primary master", "primary slave", "secondary master", "secondary slave")
+# QEMU's words for each -drive cache= mode (HMP info block, "Cache mode:").
+CACHE_WORDS = {"writeback": "writeback", "none": "writeback, direct", "writethrough": "writethrough",
+               "directsync": "writethrough, direct", "unsafe": "writeback, ignore flushes"}
+
+
+def block_devices(sup: Supervisor) -> list[dict]:
+    """Every drive, in QEMU's order: IDE by position, then virtio-blk in PCI order."""
+    out: list[dict] = []
+    virtio = 0
+    for b in sup.backends.values():
+        opts = b.spec.options
+        if b.spec.kind == "ide":
+            for i, d in enumerate(opts["drives"]):
+                if d is not None:
+                    out.append({**_block(d), "attached": f"{b.spec.name} ({IDE_POSITIONS[i]})",
+                                "guest": linux_disk_name("hd", i)})
+        elif b.spec.kind == "virtio-blk":
+            out.append({**_block(opts["drive"]), "attached": b.spec.name, "guest": linux_disk_name("vd", virtio)})
+            virtio += 1
+    return out
+
+
+def linux_disk_name(prefix: str, n: int) -> str:
+    """Linux's disk names: vda..vdz, then vdaa, vdab... (what the guest firmware calls them too)."""
+    letters = ""
+    n += 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        letters = chr(ord("a") + r) + letters
+    return prefix + letters
+
+
+def _block(d: dict) -> dict:
+    return {"device": d["id"], "file": d["path"], "format": "raw", "ro": d["readonly"], "media": d["media"],
+            "cache": d["cache"]}
+
+
+def info_block_text(drives: list[dict]) -> str:
+    if not drives:
+        return "no drives"
+    out = []
+    for d in drives:
+        out.append(f"{d['device']}: {d['file']} ({d['format']}{', read-only' if d['ro'] else ''})")
+        out.append(f"    Attached to:      {d['attached']}, the guest's {d['guest']}")
+        out.append(f"    Cache mode:       {CACHE_WORDS[d['cache']]}")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
 def info_exits_text(stats: dict) -> str:
     if not stats:
         return "vcpu not answering"
@@ -116,6 +167,9 @@ def execute(sup: Supervisor, command: str) -> tuple[str, object]:
         if what == "exits":
             stats = sup.vcpu_stats()
             return info_exits_text(stats), stats
+        if what == "block":
+            drives = block_devices(sup)
+            return info_block_text(drives), drives
     if words[0] == "backend" and len(words) == 3:
         msg = sup.backend_action(words[1], words[2])
         return msg, msg

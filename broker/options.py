@@ -226,9 +226,9 @@ def parse_args(argv: list[str]) -> Machine:
             raise UsageError(f"-{name}: needs a value")
         _apply(m, "-" + name, argv[i + 1])
         i += 2
-    from broker.drives import assign_ide_indexes
+    from broker.drives import assign_ide_indexes, name_drives
 
-    assign_ide_indexes(m.drives)
+    name_drives(m.drives, assign_ide_indexes(m.drives))
     ids = [o["id"] for _d, o in m.devices if "id" in o]
     if len(ids) != len(set(ids)) or "serial0" in ids:
         raise UsageError("-device: two devices with the same id")

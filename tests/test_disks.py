@@ -318,3 +318,37 @@ def test_cache_none_keeps_the_image_out_of_the_host_page_cache(cache, tmp_path, 
         vm.send("exit 0")
         assert vm.wait() == 0
     assert h.read_bytes()[2 * MiB : 3 * MiB] == v.read_bytes()[: MiB]
+
+
+def test_info_block_lists_drives_as_qemu_names_them(disks, tmp_path, run_dir):
+    a, b, c = disks
+    d = tmp_path / "d.img"
+    d.write_bytes(bytes(MiB))
+    with VM("-hda", str(a), "-cdrom", str(c), "-drive", f"file={b},if=virtio,format=raw,cache=none",
+            "-drive", f"file={d},if=virtio,id=scratch,cache=unsafe,readonly=on", run_dir=run_dir) as vm:
+        vm.wait_for("splitvm> ")
+        text = monitor(run_dir, "info block")
+        assert text.splitlines() == [
+            f"ide0-hd0: {a} (raw)",
+            "    Attached to:      ide0 (primary master), the guest's hda",
+            "    Cache mode:       writeback",
+            "",
+            f"ide1-cd0: {c} (raw, read-only)",
+            "    Attached to:      ide0 (secondary master), the guest's hdc",
+            "    Cache mode:       writeback",
+            "",
+            f"virtio0: {b} (raw)",
+            "    Attached to:      blk0, the guest's vda",
+            "    Cache mode:       writeback, direct",
+            "",
+            f"scratch: {d} (raw, read-only)",
+            "    Attached to:      blk1, the guest's vdb",
+            "    Cache mode:       writeback, ignore flushes",
+        ]
+        rows = json.loads(ask(run_dir, '{"execute": "info block"}'))["return"]
+        assert [(r["device"], r["guest"], r["ro"]) for r in rows] == [
+            ("ide0-hd0", "hda", False), ("ide1-cd0", "hdc", True), ("virtio0", "vda", False), ("scratch", "vdb", True)]
+        # the guest's own names agree
+        assert [ln.split()[0] for ln in vm.command("lsblk").splitlines()] == ["hda", "hdc", "vda", "vdb"]
+        vm.send("exit 0")
+        assert vm.wait() == 0

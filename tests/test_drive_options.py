@@ -78,6 +78,9 @@ def test_bad_properties(img):
     check_refused(run("-drive", f"file={img},readonly=maybe"), "readonly=maybe")
     check_refused(run("-drive", "if=ide"), "needs file=PATH")
     check_refused(run("-drive", f"file={img},if=virtio,media=cdrom"), "media=cdrom needs if=ide")
+    check_refused(run("-drive", f"file={img},id=d0", "-drive", f"file={img},readonly=on,id=d0"),
+                  "id=d0 is already used by another drive")
+    check_refused(run("-drive", f"file={img},id=0bad"), "id=0bad (a letter, then")
     check_refused(run("-drive", f"file={img},cache=direct"),
                   "cache=direct (one of writeback, none, writethrough, directsync, unsafe)")
 
