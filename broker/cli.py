@@ -116,14 +116,16 @@ def machine_devices(m: Machine) -> list[DeviceSpec]:
     """serial0 always; the IDE controller if there are IDE drives; a virtio-blk function
     per virtio drive; then each -device. PCI slots from 1 upward unless addr= says."""
     specs = [serial_spec(0)]
-    taken = {o["addr"] for _d, o in m.devices if "addr" in o}
+    taken = {o["addr"] for _d, o in m.devices if "addr" in o} | {d.pci_slot for d in m.drives if d.pci_slot}
     free = (s for s in range(1, 32) if s not in taken)
     ide = assign_ide_indexes(m.drives)
     name_drives(m.drives, ide)
     if any(ide):
         specs.append(ide_spec(next(free), [None if d is None else d.as_backend_option() for d in ide]))
     for i, d in enumerate(d for d in m.drives if d.interface == "virtio"):
-        specs.append(virtio_blk_spec(i, next(free), d.as_backend_option()))
+        spec = virtio_blk_spec(i, d.pci_slot or next(free), d.as_backend_option())
+        spec.name = d.device_id or spec.name
+        specs.append(spec)
     counts: dict[str, int] = {}
     for driver, opts in m.devices:
         index = counts.get(driver, 0)

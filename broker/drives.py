@@ -1,8 +1,9 @@
 """-drive and its shorthands (-hda..-hdd, -cdrom), checked and opened before the guest starts.
 
-QEMU's spelling: -drive file=PATH[,if=ide|virtio][,index=N][,media=disk|cdrom]
+QEMU's spelling: -drive file=PATH[,if=ide|virtio|none][,index=N][,media=disk|cdrom]
 [,format=raw][,readonly=on][,cache=writeback|none|writethrough|directsync|unsafe][,serial=S][,id=ID]
-(cache= as QEMU means it: see backends/block.py).
+(cache= as QEMU means it: see backends/block.py), and for if=none,id=ID the front ends
+-device virtio-blk-pci,drive=ID[,addr=N] and -device ide-hd|ide-cd,drive=ID[,bus=ide.N,unit=M].
 Images are opened and locked here, by the broker, which holds them for the VM's life
 and hands the descriptors to the backends: a backend's death never drops a lock.
 Locks follow QEMU's rule: one writer, or any number of readers (flock, on the whole file).
@@ -33,7 +34,7 @@ BOOLS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "fals
 @dataclass
 class Drive:
     file: Path
-    interface: str = "ide"  # ide | virtio
+    interface: str = "ide"  # ide | virtio | none (attached by a -device, or not at all)
     index: int | None = None
     media: str = "disk"
     readonly: bool = False
@@ -42,6 +43,8 @@ class Drive:
     id: str = ""  # QEMU's drive id; by default ide0-hd0 / ide1-cd0 / virtio0, as QEMU names them
     opt: str = "-drive"
     fd: int = -1
+    pci_slot: int | None = None  # virtio: -device virtio-blk-pci,addr=
+    device_id: str = ""  # -device ...,id=: names the backend (as for testdev)
 
     def default_serial(self) -> str:
         """Ten digits from the image's path: the same disk shows the same serial every boot."""
@@ -76,8 +79,8 @@ def parse_drive(opt: str, text: str) -> Drive:
         raise UsageError(f"{opt}: needs file=PATH")
     d = Drive(Path(props["file"]).expanduser(), opt=opt)
     d.interface = props.get("if", "ide")
-    if d.interface not in ("ide", "virtio"):
-        raise UsageError(f"{opt}: if={d.interface} is not supported (ide or virtio)")
+    if d.interface not in ("ide", "virtio", "none"):
+        raise UsageError(f"{opt}: if={d.interface} is not supported (ide, virtio or none)")
     if "index" in props:
         if not props["index"].isdigit():
             raise UsageError(f"{opt}: index={props['index']} is not a number")
@@ -85,7 +88,7 @@ def parse_drive(opt: str, text: str) -> Drive:
     d.media = props.get("media", "disk")
     if d.media not in ("disk", "cdrom"):
         raise UsageError(f"{opt}: media={d.media} (disk or cdrom)")
-    if d.media == "cdrom" and d.interface != "ide":
+    if d.media == "cdrom" and d.interface == "virtio":
         raise UsageError(f"{opt}: media=cdrom needs if=ide")
     fmt = props.get("format", "raw")
     if fmt != "raw":
@@ -114,6 +117,59 @@ def shorthand(opt: str, path: str) -> Drive:
     return Drive(Path(path).expanduser(), "ide", "abcd".index(opt[-1]), "disk", opt=opt)
 
 
+# QEMU's front ends for a -drive if=none,id=ID: -device DRIVER,drive=ID[,...].
+DRIVE_DEVICES = {
+    "virtio-blk-pci": {"drive", "addr", "serial"},
+    "ide-hd": {"drive", "bus", "unit", "serial"},
+    "ide-cd": {"drive", "bus", "unit", "serial"},
+}
+
+
+def attach_drive_devices(drives: list[Drive], devices: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Give each `-device virtio-blk-pci|ide-hd|ide-cd,drive=ID` its if=none drive, as QEMU
+    does, and return the other -device entries. The attached drives move to the end of the
+    list, in -device order (the order their PCI slots and guest names follow)."""
+    by_id = {d.id: d for d in drives if d.id}
+    rest: list[tuple[str, dict]] = []
+    attached: list[Drive] = []
+    for driver, o in devices:
+        if driver not in DRIVE_DEVICES:
+            rest.append((driver, o))
+            continue
+        opt = f"-device {driver}"
+        d = by_id.get(o.get("drive", ""))
+        if d is None:
+            raise UsageError(f"{opt}: needs drive=ID of a -drive if=none,id=ID" if "drive" not in o
+                             else f"{opt}: drive={o['drive']}: no -drive has that id")
+        if d.interface != "none" or d in attached:
+            raise UsageError(f"{opt}: drive={d.id} is already in use "
+                             + ("(by another -device)" if d in attached else f"(it has if={d.interface}; use if=none)"))
+        if driver == "virtio-blk-pci":
+            if d.media == "cdrom":
+                raise UsageError(f"{opt}: drive={d.id} is media=cdrom: use -device ide-cd")
+            d.interface, d.pci_slot = "virtio", o.get("addr")
+        else:
+            d.interface = "ide"
+            if driver == "ide-cd":
+                d.media, d.readonly = "cdrom", True
+            elif d.media == "cdrom":
+                raise UsageError(f"{opt}: drive={d.id} is media=cdrom: use -device ide-cd")
+            if "bus" in o or "unit" in o:
+                bus, unit = o.get("bus", "ide.0"), o.get("unit", "0")
+                if bus not in ("ide.0", "ide.1") or unit not in ("0", "1"):
+                    raise UsageError(f"{opt}: bus={bus} unit={unit} (bus ide.0 or ide.1, unit 0 or 1)")
+                d.index = 2 * int(bus[-1]) + int(unit)
+        if "serial" in o:
+            d.serial = o["serial"]
+            if len(d.serial) > 20 or not all(32 < ord(c) < 127 for c in d.serial):
+                raise UsageError(f"{opt}: serial= is at most 20 printable characters")
+        d.opt = opt
+        d.device_id = o.get("id", "")
+        attached.append(d)
+    drives[:] = [d for d in drives if d not in attached] + attached
+    return rest
+
+
 def name_drives(drives: list[Drive], ide: list[Drive | None]) -> None:
     """Give each drive without id= QEMU's default one; two drives may not share an id."""
     for i, d in enumerate(ide):
@@ -122,6 +178,9 @@ def name_drives(drives: list[Drive], ide: list[Drive | None]) -> None:
     for n, d in enumerate(d for d in drives if d.interface == "virtio"):
         if not d.id:
             d.id = f"virtio{n}"
+    for n, d in enumerate(d for d in drives if d.interface == "none"):
+        if not d.id:
+            d.id = f"none{n}"
     seen: set[str] = set()
     for d in drives:
         if d.id in seen:

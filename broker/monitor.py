@@ -91,7 +91,8 @@ def block_devices(sup: Supervisor) -> list[dict]:
     """Every drive, in QEMU's order: IDE by position, then virtio-blk in PCI order."""
     out: list[dict] = []
     virtio = 0
-    for b in sup.backends.values():
+    # The guest names virtio disks in PCI order (vda first), whatever order they were given in.
+    for b in sorted(sup.backends.values(), key=lambda b: (b.spec.kind != "ide", b.spec.pci_bdf or 0)):
         opts = b.spec.options
         if b.spec.kind == "ide":
             for i, d in enumerate(opts["drives"]):

@@ -100,7 +100,13 @@ def parse_monitor(opt: str, text: str) -> str:
     return text
 
 
-DEVICE_DRIVERS = {"testdev": {"addr", "id"}}
+DEVICE_DRIVERS = {
+    "testdev": {"addr", "id"},
+    # front ends of a -drive if=none,id=ID (broker/drives.py attach_drive_devices)
+    "virtio-blk-pci": {"drive", "addr", "serial", "id"},
+    "ide-hd": {"drive", "bus", "unit", "serial", "id"},
+    "ide-cd": {"drive", "bus", "unit", "serial", "id"},
+}
 
 
 def parse_device(opt: str, text: str) -> tuple[str, dict]:
@@ -226,13 +232,14 @@ def parse_args(argv: list[str]) -> Machine:
             raise UsageError(f"-{name}: needs a value")
         _apply(m, "-" + name, argv[i + 1])
         i += 2
-    from broker.drives import assign_ide_indexes, name_drives
+    from broker.drives import assign_ide_indexes, attach_drive_devices, name_drives
 
+    m.devices = attach_drive_devices(m.drives, m.devices)
     name_drives(m.drives, assign_ide_indexes(m.drives))
-    ids = [o["id"] for _d, o in m.devices if "id" in o]
+    ids = [o["id"] for _d, o in m.devices if "id" in o] + [d.device_id for d in m.drives if d.device_id]
     if len(ids) != len(set(ids)) or "serial0" in ids:
         raise UsageError("-device: two devices with the same id")
-    slots = [o["addr"] for _d, o in m.devices if "addr" in o]
+    slots = [o["addr"] for _d, o in m.devices if "addr" in o] + [d.pci_slot for d in m.drives if d.pci_slot]
     if len(slots) != len(set(slots)):
         raise UsageError("-device: two devices at the same PCI slot")
     if m.accel == "qtest" and not m.qtest:

@@ -352,3 +352,30 @@ def test_info_block_lists_drives_as_qemu_names_them(disks, tmp_path, run_dir):
         assert [ln.split()[0] for ln in vm.command("lsblk").splitlines()] == ["hda", "hdc", "vda", "vdb"]
         vm.send("exit 0")
         assert vm.wait() == 0
+
+
+def test_drive_if_none_with_device_front_ends(disks, tmp_path, run_dir):
+    """QEMU's other spelling: -drive if=none,id=ID plus -device virtio-blk-pci|ide-hd|ide-cd,
+    drive=ID. addr= places the virtio function (the guest names disks in PCI order), bus/unit
+    place the IDE device, id= names the backend."""
+    a, b, c = disks
+    with VM("-drive", f"file={a},if=none,id=sys", "-drive", f"file={b},if=none,id=data",
+            "-drive", f"file={c},if=none,id=cd,media=cdrom",
+            "-device", "virtio-blk-pci,drive=data,addr=6,id=fast",
+            "-device", "ide-hd,drive=sys,bus=ide.0,unit=1",
+            "-device", "ide-cd,drive=cd,bus=ide.1,unit=0", run_dir=run_dir) as vm:
+        vm.wait_for("splitvm> ")
+        assert vm.command("lsblk").splitlines() == [
+            f"hdb {4 * MiB} disk ide-dma", f"hdc {512 * 2048} cdrom atapi ro", f"vda {4 * MiB} disk virtio-blk"]
+        assert vm.command("sha256sum hdb") == f"{sha(a)}  hdb"
+        assert vm.command("sha256sum hdc") == f"{sha(c)}  hdc"
+        assert vm.command("dd if=hdb of=vda bs=65536") == "64+0 records in\n64+0 records out"
+        rows = {r["device"]: r for r in json.loads(ask(run_dir, '{"execute": "info block"}'))["return"]}
+        assert rows["data"]["attached"] == "fast" and rows["sys"]["guest"] == "hdb" and rows["cd"]["guest"] == "hdc"
+        pci = monitor(run_dir, "info pci")
+        assert "Bus  0, device   6, function 0:" in pci and 'id "fast"' in pci
+        assert "killed" in ask(run_dir, "backend kill fast")
+        assert vm.command("sha256sum vda") == f"{sha(a)}  vda"
+        vm.send("exit 0")
+        assert vm.wait() == 0
+    assert sha(b) == sha(a)

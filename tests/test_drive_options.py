@@ -81,6 +81,14 @@ def test_bad_properties(img):
     check_refused(run("-drive", f"file={img},id=d0", "-drive", f"file={img},readonly=on,id=d0"),
                   "id=d0 is already used by another drive")
     check_refused(run("-drive", f"file={img},id=0bad"), "id=0bad (a letter, then")
+    check_refused(run("-device", "virtio-blk-pci,drive=d9"), "drive=d9: no -drive has that id")
+    check_refused(run("-device", "virtio-blk-pci"), "needs drive=ID of a -drive if=none,id=ID")
+    check_refused(run("-drive", f"file={img},id=d0", "-device", "virtio-blk-pci,drive=d0"),
+                  "drive=d0 is already in use (it has if=ide; use if=none)")
+    check_refused(run("-drive", f"file={img},if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
+                      "-device", "ide-hd,drive=d0"), "drive=d0 is already in use (by another -device)")
+    check_refused(run("-drive", f"file={img},if=none,id=d0", "-device", "ide-hd,drive=d0,bus=ide.2"),
+                  "bus=ide.2 unit=0 (bus ide.0 or ide.1, unit 0 or 1)")
     check_refused(run("-drive", f"file={img},cache=direct"),
                   "cache=direct (one of writeback, none, writethrough, directsync, unsafe)")
 

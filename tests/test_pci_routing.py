@@ -68,7 +68,7 @@ def test_device_option_errors(tmp_path):
     from vmutil import ROOT, env, splitvm_cmd
 
     for args, needle in [
-        (["-device", "sb16"], "-device: unknown device 'sb16' (known: testdev)"),
+        (["-device", "sb16"], "-device: unknown device 'sb16' (known: ide-cd, ide-hd, testdev, virtio-blk-pci)"),
         (["-device", "testdev,addr=40"], "-device: testdev: addr=40 is not a PCI slot 1..1f"),
         (["-device", "testdev,color=red"], "-device: testdev: unknown property 'color=red'"),
         (["-device", "testdev,addr=3", "-device", "testdev,addr=3"], "two devices at the same PCI slot"),
