@@ -15,6 +15,18 @@ from backends.block import cached_pages as block_cached_pages
 MiB = 1 << 20
 
 
+class CountingImage(BlockImage):
+    """A real image that counts its flushes (fdatasync)."""
+
+    def __init__(self, fd: int, cache: str = "writeback") -> None:
+        super().__init__(fd, cache=cache)
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
 def cached_pages(path) -> int:
     return block_cached_pages(path)[0]
 

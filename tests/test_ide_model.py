@@ -8,6 +8,7 @@ import os
 import struct
 
 import pytest
+from test_block import CountingImage
 
 from backends import atapi
 from backends.block import BlockImage
@@ -796,18 +797,6 @@ def test_atapi_reply_by_dma_when_the_packet_asks_for_dma(mem, cd):
     assert inq[0] == 5 and inq[8:16] == b"SPLITVM " and inq[36:] == b"\xee" * 60
     assert g.inb(NSECT) == 0x03 and g.irq15.level
     assert g.ide.bar_access(4, 10, 1, False, b"")[0] & 0x07 == 0x05  # PRDs longer: Active + Interrupt
-
-
-class CountingImage(BlockImage):
-    """A real image that counts its flushes (fdatasync)."""
-
-    def __init__(self, fd: int, cache: str = "writeback") -> None:
-        super().__init__(fd, cache=cache)
-        self.flushes = 0
-
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
 
 
 @pytest.mark.parametrize("dma", [False, True])

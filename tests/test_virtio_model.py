@@ -12,6 +12,7 @@ import time
 
 import msgpack
 import pytest
+from test_block import CountingImage
 
 from backends.block import BlockImage
 from backends.virtio import pci as vpci
@@ -728,16 +729,6 @@ def test_used_no_notify_while_polling_then_kicks_reenabled(blk, mem):
 
 
 # -- cache mode (VIRTIO_BLK_F_CONFIG_WCE) -------------------------------------------------------
-class CountingImage(BlockImage):
-    def __init__(self, fd: int, cache: str = "writeback") -> None:
-        super().__init__(fd, cache=cache)
-        self.flushes = 0
-
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
-
-
 def writeback_field(d: Driver) -> int:
     from backends.virtio.blk import WRITEBACK_OFF
 
