@@ -14,7 +14,7 @@ from pathlib import Path
 import zmq
 
 from backends.devices import DeviceSpec, ide_spec, serial_spec, testdev_spec, virtio_blk_spec
-from broker.drives import assign_ide_indexes, name_drives, open_drives
+from broker.drives import assign_ide_indexes, open_drives
 from broker.monitor import handle_line
 from broker.notify import monitor_endpoint
 from broker.options import Machine, UsageError, parse_args
@@ -118,8 +118,7 @@ def machine_devices(m: Machine) -> list[DeviceSpec]:
     specs = [serial_spec(0)]
     taken = {o["addr"] for _d, o in m.devices if "addr" in o} | {d.pci_slot for d in m.drives if d.pci_slot}
     free = (s for s in range(1, 32) if s not in taken)
-    ide = assign_ide_indexes(m.drives)
-    name_drives(m.drives, ide)
+    ide = assign_ide_indexes(m.drives)  # parse_args placed and named them: this only lists them
     if any(ide):
         specs.append(ide_spec(next(free), [None if d is None else d.as_backend_option() for d in ide]))
     for i, d in enumerate(d for d in m.drives if d.interface == "virtio"):

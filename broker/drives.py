@@ -104,10 +104,15 @@ def parse_drive(opt: str, text: str) -> Drive:
     d.id = props.get("id", "")
     if d.id and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", d.id):
         raise UsageError(f"{opt}: id={d.id} (a letter, then letters, digits, '-', '.', '_')")
-    d.serial = props.get("serial", "")
-    if len(d.serial) > 20 or not all(32 < ord(c) < 127 for c in d.serial):
-        raise UsageError(f"{opt}: serial= is at most 20 printable characters")
+    d.serial = check_serial(opt, props.get("serial", ""))
     return d
+
+
+def check_serial(opt: str, serial: str) -> str:
+    """What IDENTIFY words 10-19 and virtio GET_ID can carry: 20 printable ASCII characters."""
+    if len(serial) > 20 or not all(32 < ord(c) < 127 for c in serial):
+        raise UsageError(f"{opt}: serial= is at most 20 printable characters")
+    return serial
 
 
 def shorthand(opt: str, path: str) -> Drive:
@@ -117,12 +122,9 @@ def shorthand(opt: str, path: str) -> Drive:
     return Drive(Path(path).expanduser(), "ide", "abcd".index(opt[-1]), "disk", opt=opt)
 
 
-# QEMU's front ends for a -drive if=none,id=ID: -device DRIVER,drive=ID[,...].
-DRIVE_DEVICES = {
-    "virtio-blk-pci": {"drive", "addr", "serial"},
-    "ide-hd": {"drive", "bus", "unit", "serial"},
-    "ide-cd": {"drive", "bus", "unit", "serial"},
-}
+# QEMU's front ends for a -drive if=none,id=ID: -device DRIVER,drive=ID[,...] (their
+# properties are checked with the other -device drivers', broker/options.py DEVICE_DRIVERS).
+DRIVE_DEVICES = ("virtio-blk-pci", "ide-hd", "ide-cd")
 
 
 def attach_drive_devices(drives: list[Drive], devices: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -160,9 +162,7 @@ def attach_drive_devices(drives: list[Drive], devices: list[tuple[str, dict]]) -
                     raise UsageError(f"{opt}: bus={bus} unit={unit} (bus ide.0 or ide.1, unit 0 or 1)")
                 d.index = 2 * int(bus[-1]) + int(unit)
         if "serial" in o:
-            d.serial = o["serial"]
-            if len(d.serial) > 20 or not all(32 < ord(c) < 127 for c in d.serial):
-                raise UsageError(f"{opt}: serial= is at most 20 printable characters")
+            d.serial = check_serial(opt, o["serial"])
         d.opt = opt
         d.device_id = o.get("id", "")
         attached.append(d)

@@ -610,6 +610,16 @@ def _mixed(d: Driver, n: int) -> tuple[list[dict], bytearray]:
     return reqs, writes
 
 
+def _queued(blk: VirtioBlk, mem: GuestMemory, n: int) -> tuple[Driver, list[dict], dict]:
+    """A driven device with n mixed requests made available and kicked, none served yet."""
+    d = Driver(blk, mem)
+    d.init_modern()
+    reqs, writes = _mixed(d, n)
+    d.publish([r["head"] for r in reqs])
+    d.kick()
+    return d, reqs, writes
+
+
 def _check_exactly_once(d: Driver, reqs: list[dict], image_path, writes: dict) -> None:
     used = d.new_used()
     assert sorted(h for h, _ in used) == sorted(r["head"] for r in reqs), "every head exactly once"
@@ -623,11 +633,7 @@ def _check_exactly_once(d: Driver, reqs: list[dict], image_path, writes: dict) -
 
 
 def test_restart_with_heads_in_flight(blk, mem, image_path, fds):
-    d = Driver(blk, mem)
-    d.init_modern()
-    reqs, writes = _mixed(d, 16)
-    d.publish([r["head"] for r in reqs])
-    d.kick()
+    d, reqs, writes = _queued(blk, mem, 16)
     assert blk.work() is True
     snap = blk.snapshot()
     assert len(snap["queues"][0]["in_flight"]) == 16
@@ -639,11 +645,7 @@ def test_restart_with_heads_in_flight(blk, mem, image_path, fds):
 
 
 def test_restart_after_old_model_completed_everything(blk, mem, image_path, fds):
-    d = Driver(blk, mem)
-    d.init_modern()
-    reqs, writes = _mixed(d, 16)
-    d.publish([r["head"] for r in reqs])
-    d.kick()
+    d, reqs, writes = _queued(blk, mem, 16)
     assert blk.work() is True
     snap = blk.snapshot()
     blk.work()  # completes all 16; then "dies" before publishing
@@ -657,11 +659,7 @@ def test_restart_after_old_model_completed_everything(blk, mem, image_path, fds)
 
 @pytest.mark.parametrize("done_before_death", [1, 5, 15])
 def test_restart_after_partial_completion(blk, mem, image_path, fds, done_before_death):
-    d = Driver(blk, mem)
-    d.init_modern()
-    reqs, writes = _mixed(d, 16)
-    d.publish([r["head"] for r in reqs])
-    d.kick()
+    d, reqs, writes = _queued(blk, mem, 16)
     assert blk.work() is True
     snap = blk.snapshot()
     blk.image = DyingImage(blk.image.fd, ios_left=done_before_death)
@@ -677,11 +675,7 @@ def test_restart_after_partial_completion(blk, mem, image_path, fds, done_before
 
 def test_restart_death_while_taking_heads(blk, mem, image_path, fds):
     """A death during the call that takes heads: they stay past last_avail_idx."""
-    d = Driver(blk, mem)
-    d.init_modern()
-    reqs, writes = _mixed(d, 8)
-    d.publish([r["head"] for r in reqs])
-    d.kick()
+    d, reqs, writes = _queued(blk, mem, 8)
     snap = blk.snapshot()  # published after the kick, before work()
     assert blk.work() is True  # took the heads; the process dies before publishing
     new = _restart(mem, image_path, fds, snap)

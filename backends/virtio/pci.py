@@ -304,8 +304,8 @@ class VirtioPciFunction:
                     # driver that enabled interrupts just then and saw no completion sleeps
                     # with no interrupt coming (2.7.7).
                     self.mem.fence()
-                if q.used_idx != before and q.wants_interrupt():
-                    self.isr |= ISR_QUEUE
+                    if q.wants_interrupt():
+                        self.isr |= ISR_QUEUE
             except (VirtqueueError, GuestMemoryError) as e:
                 self.fail(q, f"queue {i}: {e}")
                 continue

@@ -40,17 +40,6 @@ void blk_init(void)
 	virtio_blk_init();
 }
 
-uint64_t blk_deadline(uint32_t ms)
-{
-	uint64_t khz = platform_tsc_khz();
-	return rdtsc() + (uint64_t)ms * (khz ? khz : 1000000);
-}
-
-bool blk_expired(uint64_t deadline)
-{
-	return (int64_t)(rdtsc() - deadline) > 0;
-}
-
 int blk_read_bytes(struct blkdev *d, uint64_t off, uint32_t len, void *buf)
 {
 	return d->ops->rw(d, false, off / d->sector_size, len / d->sector_size, buf);

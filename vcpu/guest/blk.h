@@ -45,9 +45,6 @@ struct blkdev *blk_find(const char *name);
 /* Probe every driver; call once after pci_init(). */
 void blk_init(void);
 
-/* Bounded waits: a TSC deadline `ms` milliseconds from now. */
-uint64_t blk_deadline(uint32_t ms);
-bool blk_expired(uint64_t deadline);
 
 /* Shell commands. */
 void cmd_lsblk(int argc, char **argv);

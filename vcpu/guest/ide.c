@@ -84,9 +84,9 @@ static uint16_t identify_buf[256];
  * the usual four alternate-status reads would be four trapped accesses on splitvm. */
 static void delay400(void)
 {
-	uint64_t end = rdtsc() + ((uint64_t)platform_tsc_khz() * 400 + 999999) / 1000000;
+	uint64_t end = platform_deadline_ns(400);
 
-	while (rdtsc() < end)
+	while (!platform_expired(end))
 		cpu_relax();
 }
 
@@ -99,7 +99,7 @@ static void select_drive(const struct ide_drive *d, uint8_t bits)
 /* Wait for BSY clear (and DRQ set if want_drq). 0, -1 device error, -2 timeout. */
 static int wait_ready(const struct ide_drive *d, bool want_drq, uint32_t ms)
 {
-	uint64_t dl = blk_deadline(ms);
+	uint64_t dl = platform_deadline_ms(ms);
 
 	for (;;) {
 		uint8_t s = inb(d->ctrl);
@@ -109,7 +109,7 @@ static int wait_ready(const struct ide_drive *d, bool want_drq, uint32_t ms)
 			if (!want_drq || (s & ST_DRQ))
 				return 0;
 		}
-		if (blk_expired(dl))
+		if (platform_expired(dl))
 			return -2;
 	}
 }
@@ -191,14 +191,14 @@ static int ata_dma(struct ide_drive *d, bool write, uint64_t lba, uint32_t count
 
 	/* Done when the engine stopped (or raised its interrupt) and the drive
 	 * is no longer busy. */
-	uint64_t dl = blk_deadline(TIMEOUT_MS);
+	uint64_t dl = platform_deadline_ms(TIMEOUT_MS);
 	uint8_t bms, st;
 	for (;;) {
 		bms = inb(d->bm + BM_STATUS);
 		st = inb(d->ctrl);
 		if ((!(bms & BMS_ACTIVE) || (bms & (BMS_IRQ | BMS_ERROR))) && !(st & ST_BSY))
 			break;
-		if (blk_expired(dl)) {
+		if (platform_expired(dl)) {
 			outb(d->bm + BM_CMD, dir);
 			return fail(d, write ? "write dma" : "read dma", -2);
 		}
@@ -295,12 +295,12 @@ static int atapi_packet(struct ide_drive *d, const uint8_t pkt[12], void *buf, u
 		return quiet ? -1 : fail(d, "packet", rc);
 	outsw(d->base + REG_DATA, pkt, 6);
 
-	uint64_t dl = blk_deadline(TIMEOUT_MS);
+	uint64_t dl = platform_deadline_ms(TIMEOUT_MS);
 	for (;;) {
 		delay400();
 		uint8_t st = inb(d->ctrl);
 		if (st & ST_BSY) {
-			if (blk_expired(dl))
+			if (platform_expired(dl))
 				return quiet ? -1 : fail(d, "packet", -2);
 			continue;
 		}
@@ -310,7 +310,7 @@ static int atapi_packet(struct ide_drive *d, const uint8_t pkt[12], void *buf, u
 			/* Interrupt reason I/O=1 C/D=1: command complete. */
 			if ((inb(d->base + REG_COUNT) & 3) == 3)
 				break;
-			if (blk_expired(dl))
+			if (platform_expired(dl))
 				return quiet ? -1 : fail(d, "packet", -2);
 			continue;
 		}
@@ -321,7 +321,7 @@ static int atapi_packet(struct ide_drive *d, const uint8_t pkt[12], void *buf, u
 		}
 		insw(d->base + REG_DATA, (uint8_t *)buf + off, (n + 1) / 2);
 		off += n;
-		dl = blk_deadline(TIMEOUT_MS);
+		dl = platform_deadline_ms(TIMEOUT_MS);
 	}
 	(void)inb(d->base + REG_STATUS);
 	return (int)off;

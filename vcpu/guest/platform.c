@@ -159,12 +159,24 @@ static __attribute__((noreturn)) void spin_forever(void)
 		cpu_relax();
 }
 
+uint64_t platform_deadline_ns(uint64_t ns)
+{
+	uint64_t khz = platform_tsc_khz();
+
+	return rdtsc() + (ns * (khz ? khz : 1000000) + 999999) / 1000000;
+}
+
+bool platform_expired(uint64_t deadline)
+{
+	return (int64_t)(rdtsc() - deadline) > 0;
+}
+
 /* Busy-wait using the (calibrated) TSC. */
 static void delay_ms(uint32_t ms)
 {
-	uint64_t end = rdtsc() + (uint64_t)platform_tsc_khz() * ms;
+	uint64_t end = platform_deadline_ms(ms);
 
-	while (rdtsc() < end)
+	while (!platform_expired(end))
 		cpu_relax();
 }
 

@@ -15,6 +15,14 @@ const char *platform_name(void);
 uint64_t platform_ram_bytes(void);
 unsigned platform_vcpus(void);
 uint32_t platform_tsc_khz(void);
+/* The TSC value `ns` nanoseconds from now (rounded up), and whether a deadline has passed:
+ * every bounded wait in the firmware, from ATA's 400 ns to a 30 s flush. */
+uint64_t platform_deadline_ns(uint64_t ns);
+bool platform_expired(uint64_t deadline);
+static inline uint64_t platform_deadline_ms(uint32_t ms)
+{
+	return platform_deadline_ns((uint64_t)ms * 1000000u);
+}
 
 /* Copy the boot command line (NUL-terminated, truncated to size-1). */
 size_t platform_cmdline(char *buf, size_t size);

@@ -211,22 +211,22 @@ static void vblk_sleep(struct vblk *v)
 static int vblk_reap(struct blkdev *b, unsigned *tag, int *status)
 {
 	struct vblk *v = b->priv;
-	uint64_t dl = blk_deadline(TIMEOUT_MS);
-	uint64_t spin_end = rdtsc() + (uint64_t)platform_tsc_khz() * SPIN_US / 1000;
+	uint64_t dl = platform_deadline_ms(TIMEOUT_MS);
+	uint64_t spin_end = platform_deadline_ns(SPIN_US * 1000u);
 	unsigned checks = 0;
 
 	while (v->used->idx == v->used_seen) {
 		/* Status is MMIO (a trap on splitvm): check it only now and then. */
 		if (++checks % 16384 == 0 && !check_status(v))
 			return -1;
-		if (blk_expired(dl)) {
+		if (platform_expired(dl)) {
 			kprintf("%s: timeout\n", b->name);
 			check_status(v);
 			return -1;
 		}
-		if (platform_is_splitvm() && blk_expired(spin_end)) {
+		if (platform_is_splitvm() && platform_expired(spin_end)) {
 			vblk_sleep(v);
-			spin_end = rdtsc() + (uint64_t)platform_tsc_khz() * SPIN_US / 1000;
+			spin_end = platform_deadline_ns(SPIN_US * 1000u);
 		} else {
 			cpu_relax();
 		}
@@ -345,11 +345,11 @@ static bool find_caps(struct vblk *v, const struct pci_device *p)
 static bool setup(struct vblk *v, unsigned idx)
 {
 	volatile uint8_t *c = v->common;
-	uint64_t dl = blk_deadline(1000);
+	uint64_t dl = platform_deadline_ms(1000);
 
 	w8(c, CC_STATUS, 0); /* reset; done when it reads back 0 (4.1.4.3.2) */
 	while (r8(c, CC_STATUS)) {
-		if (blk_expired(dl))
+		if (platform_expired(dl))
 			return false;
 	}
 	w8(c, CC_STATUS, S_ACK);
